@@ -1,0 +1,101 @@
+"""params.yaml, validated: one typed object every stage reads.
+
+Validation is pydantic's (types, ranges, unknown keys rejected); any breach
+becomes a one-line ``DataError`` naming params.yaml and the offending key.
+Comments in params.yaml document each value; docs/decisions.md gives the
+reasons behind the choices the paper leaves open.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mmrad.errors import DataError
+
+Count = Annotated[int, Field(ge=1)]
+Pixels = Annotated[int, Field(ge=64, le=8192)]
+Size = tuple[Pixels, Pixels]  # (height, width)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MMRSynthetic(_Strict):
+    train_normal: Count
+    test_normal: Count
+    test_anomalous: Count
+    fundus_size: Size
+    oct_size: Size
+    one_modality_fraction: float = Field(ge=0.0, le=1.0)
+
+
+class IDRiDSynthetic(_Strict):
+    seg_train: Count
+    seg_test: Count
+    grading_train: Count
+    grading_test: Count
+    healthy_fraction: float = Field(gt=0.0, le=1.0)
+    size: Size
+
+
+class RESCSynthetic(_Strict):
+    train_good: Count
+    val_good: Count
+    val_ungood: Count
+    test_good: Count
+    test_ungood: Count
+    size: Size
+
+
+class Synthetic(_Strict):
+    workers: Count
+    mmr: MMRSynthetic
+    idrid: IDRiDSynthetic
+    resc: RESCSynthetic
+
+
+class DatasetSource(_Strict):
+    root: str
+
+
+class Prepare(_Strict):
+    resolution: Annotated[int, Field(ge=32, le=4096, multiple_of=16)]
+    workers: Count
+
+
+class Params(_Strict):
+    seed: Annotated[int, Field(ge=0)]
+    synthetic: Synthetic
+    datasets: dict[str, DatasetSource]
+    prepare: Prepare
+
+    @field_validator("datasets")
+    @classmethod
+    def _known_datasets(cls, value: dict[str, DatasetSource]) -> dict[str, DatasetSource]:
+        from mmrad.datasets import LAYOUTS
+
+        unknown = sorted(set(value) - set(LAYOUTS))
+        if unknown:
+            raise ValueError(f"unknown dataset(s) {unknown}; known: {sorted(LAYOUTS)}")
+        return value
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise DataError(path, "parameter file is missing") from exc
+    except yaml.YAMLError as exc:
+        raise DataError(path, "parameter file is not valid YAML", str(exc).replace("\n", " ")) from exc
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(part) for part in first["loc"]) or "<top level>"
+        raise DataError(path, f"invalid parameter '{key}'", first["msg"]) from exc

@@ -1,0 +1,1 @@
+"""Retina phantoms: synthetic fundus photographs and OCT B-scans with lesion masks."""

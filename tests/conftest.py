@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny parameters and one generated synthetic dataset per test session."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmrad.params import Params
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def tiny_params_dict(**overrides) -> dict:
+    """params.yaml with a dataset small enough for unit tests (a few seconds to generate)."""
+    raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    raw["synthetic"].update(
+        workers=1,
+        mmr=dict(train_normal=3, test_normal=2, test_anomalous=4, fundus_size=[160, 166],
+                 oct_size=[128, 224], one_modality_fraction=0.25),
+        idrid=dict(seg_train=2, seg_test=2, grading_train=4, grading_test=3, healthy_fraction=0.75,
+                   size=[128, 192]),
+        resc=dict(train_good=3, val_good=1, val_ungood=1, test_good=2, test_ungood=2, size=[128, 128]),
+    )
+    raw["prepare"].update(resolution=64, workers=1)
+    for key, value in overrides.items():
+        raw[key] = value
+    return raw
+
+
+@pytest.fixture(scope="session")
+def tiny_params() -> Params:
+    return Params.model_validate(tiny_params_dict())
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory, tiny_params) -> Path:
+    """A generated synthetic dataset (MMR/, IDRiD/, RESC/); read-only for tests."""
+    from mmrad.synthetic import generate
+
+    root = tmp_path_factory.mktemp("synthetic") / "raw"
+    generate(tiny_params, root, progress=False)
+    return root
+
+
+@pytest.fixture
+def dataset_copy(synthetic_root, tmp_path):
+    """A private, mutable copy of one generated dataset folder: dataset_copy("MMR")."""
+
+    def copy(folder: str) -> Path:
+        target = tmp_path / folder
+        shutil.copytree(synthetic_root / folder, target)
+        return target
+
+    return copy
+
+
+def tree_snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under root with its bytes (to prove nothing changed)."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
