@@ -22,6 +22,7 @@ MMRAD pipeline stages (run them all with `dvc repro`):
 
   generate       render the synthetic default dataset in the real MMR / IDRiD / RESC layouts
   prepare        validate one dataset, write its split manifest (parquet) and resized cache
+  train          fine-tune MMRAD on healthy pairs with simulated anomalies
   contact-sheet  save a PNG grid of synthetic images with their lesion outlines
 
 Every stage reads params.yaml (see the comments there). Bad input stops the
@@ -53,9 +54,17 @@ def _cmd_prepare(args) -> None:
                             f"configured: {sorted(params.datasets)}")
         started = time.perf_counter()
         out = Path(args.out) if args.out else Path("data/prepared") / name
-        summary = prepare_dataset(name, params.datasets[name].root, out, params.prepare.resolution,
-                                  params.prepare.workers)
-        log.info("prepare %s: %s in %.1f s -> %s", name, summary["splits"], time.perf_counter() - started, out)
+        prepare_dataset(name, params.datasets[name].root, out, params.prepare.resolution, params.prepare.workers)
+        log.info("prepare %s: done in %.1f s -> %s", name, time.perf_counter() - started, out)
+
+
+def _cmd_train(args) -> None:
+    from mmrad.params import load_params
+    from mmrad.train import train
+
+    params = load_params(args.params)
+    prepared = args.prepared or f"data/prepared/{params.train.dataset}"
+    train(params, prepared, args.out, args.checkpoints, resume=args.resume, stop_after=args.stop_after)
 
 
 def _cmd_contact_sheet(args) -> None:
@@ -86,6 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", help="mmr, idrid, resc, or all")
     p.add_argument("--out", help="output folder (default: data/prepared/<dataset>)")
     p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("train", help="fine-tune the model (LPT + decoder) on healthy pairs",
+                       description="Fine-tune MMRAD: frozen SAM encoder, low-level prompts and the shared decoder, "
+                                   "trained on healthy pairs with simulated anomalies (params: seed, model, "
+                                   "weights, simulation, train). Writes model.pt (trainable weights only), "
+                                   "metrics.json and loss.tsv.")
+    p.add_argument("--prepared", help="prepared dataset folder (default: data/prepared/<train.dataset>)")
+    p.add_argument("--out", default="models/mmrad", help="output folder (default: %(default)s)")
+    p.add_argument("--checkpoints", default="checkpoints/mmrad",
+                   help="folder of the resumable checkpoint (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint, exactly")
+    p.add_argument("--stop-after", type=int, metavar="N", help="stop after N more steps (a checkpoint stays)")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("contact-sheet", help="save a PNG grid of synthetic images",
                        description="Render a grid of synthetic fundus and OCT images, healthy and with "

@@ -5,6 +5,7 @@ Uses matplotlib's Agg backend (no screen needed).
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -74,10 +75,10 @@ def contact_sheet(params: Params, out: str | Path, columns: int = 5) -> Path:
             ax.contour(mask[box].astype(float), levels=[0.5], colors=["#00e5ff"], linewidths=0.8)
             if box != (slice(None), slice(None)):
                 title += " (zoom)"
-        ax.set_title(title, fontsize=7)
+        ax.set_title(textwrap.fill(title, 34), fontsize=7)
     fig.suptitle("mmrad synthetic default data: healthy eyes and every symptom class (cyan: mask outline)",
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)

@@ -6,6 +6,7 @@ import hashlib
 import json
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -58,7 +59,7 @@ def test_cache_images_and_bit_masks_agree_with_the_manifest(prepared, tiny_param
         image = np.asarray(Image.open(out / "mmr" / row.cache_image))
         assert image.shape[:2] == (size, size)
         assert image.ndim == (3 if row.modality == "fundus" else 2)
-        if row.cache_mask is None:
+        if pd.isna(row.cache_mask):
             assert not row.has_lesion and row.lesion_fraction == 0
             continue
         bits = np.asarray(Image.open(out / "mmr" / row.cache_mask))
