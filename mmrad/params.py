@@ -9,7 +9,7 @@ reasons behind the choices the paper leaves open.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -68,11 +68,54 @@ class Prepare(_Strict):
     workers: Count
 
 
+class Model(_Strict):
+    encoder: Literal["vit_tiny", "vit_b", "vit_l", "vit_h"]
+    image_size: Annotated[int, Field(ge=64, le=1024, multiple_of=16)]
+    prompt_dim: Annotated[int, Field(ge=1)] | None = None
+    cnn: Literal["resnet50", "resnet18"]
+    cnn_count: Annotated[int, Field(ge=1, le=4)]
+    fusion_order: tuple[Literal["fundus", "oct"], Literal["fundus", "oct"]]
+    token_init: Literal["pretrained", "normal", "kaiming"]
+
+
+class WeightFile(_Strict):
+    path: str
+    format: str
+    sha256: str | None = None
+
+
+class Weights(_Strict):
+    sam: WeightFile | None = None  # a full SAM checkpoint (format "sam") or an encoder ("lvm-med")
+    resnets: list[WeightFile | None] = []  # one per CNN of the LPT; missing entries stay random
+
+
+class Simulation(_Strict):
+    probability: float = Field(ge=0.0, le=1.0)
+    transforms: Literal["channel_shuffle", "rgb_shift", "rotate", "composition"]
+
+
+class Train(_Strict):
+    dataset: str
+    steps: Count
+    batch_size: Count
+    lr: float = Field(gt=0)
+    betas: tuple[float, float]
+    weight_decay: float = Field(ge=0)
+    loss: Literal["ce", "focal", "dice"]
+    checkpoint_every: Count
+    device: Literal["auto", "cpu", "cuda"]
+    threads: Annotated[int, Field(ge=0)]
+
+
 class Params(_Strict):
     seed: Annotated[int, Field(ge=0)]
     synthetic: Synthetic
     datasets: dict[str, DatasetSource]
     prepare: Prepare
+    model: Model
+    weights: Weights
+    simulation: Simulation
+    train: Train
 
     @field_validator("datasets")
     @classmethod

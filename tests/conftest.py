@@ -25,6 +25,8 @@ def tiny_params_dict(**overrides) -> dict:
         resc=dict(train_good=3, val_good=1, val_ungood=1, test_good=2, test_ungood=2, size=[128, 128]),
     )
     raw["prepare"].update(resolution=64, workers=1)
+    raw["model"].update(image_size=64, cnn="resnet18")  # the same code, small enough for unit tests
+    raw["train"].update(steps=6, batch_size=2, checkpoint_every=3, threads=0)
     for key, value in overrides.items():
         raw[key] = value
     return raw
@@ -43,6 +45,16 @@ def synthetic_root(tmp_path_factory, tiny_params) -> Path:
     root = tmp_path_factory.mktemp("synthetic") / "raw"
     generate(tiny_params, root, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def prepared_mmr(synthetic_root, tmp_path_factory, tiny_params) -> Path:
+    """The tiny synthetic MMR, prepared at the tiny resolution."""
+    from mmrad.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("prepared") / "mmr"
+    prepare_dataset("mmr", synthetic_root / "MMR", out, tiny_params.prepare.resolution, progress=False)
+    return out
 
 
 @pytest.fixture

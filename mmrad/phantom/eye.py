@@ -9,6 +9,7 @@ one modality never changes the other's pixels.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,3 +61,21 @@ class Rendered:
     image: np.ndarray
     lesions: dict[str, np.ndarray]
     anatomy: dict[str, np.ndarray]
+
+
+def check_request(modality: str, size: tuple[int, int], lesions: Sequence[str], style: str,
+                  styles: Collection[str], kinds: Sequence[str]) -> tuple[int, int, list[str]]:
+    """Validate one render request; returns (H, W, the requested kinds in ``kinds`` order).
+
+    The canonical order makes a render independent of the order lesions are asked for.
+    """
+    if style not in styles:
+        raise ValueError(f"unknown {modality} style {style!r}; expected one of {sorted(styles)}")
+    requested = list(dict.fromkeys(lesions))
+    for kind in requested:
+        if kind not in kinds:
+            raise ValueError(f"unknown {modality} lesion kind {kind!r}; expected one of {tuple(kinds)}")
+    h, w = int(size[0]), int(size[1])
+    if h < 16 or w < 16:
+        raise ValueError(f"{modality} size {size!r} too small (at least 16x16)")
+    return h, w, sorted(requested, key=list(kinds).index)

@@ -65,7 +65,7 @@ from scipy.special import ndtri
 from scipy.spatial import cKDTree
 
 from mmrad import symptoms
-from mmrad.phantom.eye import Eye, Rendered
+from mmrad.phantom.eye import Eye, Rendered, check_request
 
 STYLES = ("visucam", "idrid")
 
@@ -1242,16 +1242,7 @@ def render_fundus(eye: Eye, size: tuple[int, int], lesions: Sequence[str] = (), 
     with the RGB uint8 image, one bool mask per lesion kind and the "fov" and
     "optic_disc" anatomy masks. Deterministic in (eye, size, lesions, style).
     """
-    if style not in STYLES:
-        raise ValueError(f"unknown fundus style {style!r}; expected one of {STYLES}")
-    kinds = list(dict.fromkeys(lesions))
-    for kind in kinds:
-        if kind not in _LESIONS:
-            raise ValueError(f"unknown fundus lesion kind {kind!r}; expected one of {symptoms.FUNDUS_KINDS}")
-    kinds.sort(key=symptoms.FUNDUS_KINDS.index)  # order of the request does not matter
-    h, w = int(size[0]), int(size[1])
-    if h < 16 or w < 16:
-        raise ValueError(f"fundus size {size!r} too small (at least 16x16)")
+    h, w, kinds = check_request("fundus", size, lesions, style, STYLES, symptoms.FUNDUS_KINDS)
 
     rng = eye.rng("fundus")
     geo = _geometry(eye, h, w, style, rng)

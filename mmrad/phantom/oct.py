@@ -55,7 +55,7 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy.special import beta
 
-from mmrad.phantom.eye import Eye, Rendered
+from mmrad.phantom.eye import Eye, Rendered, check_request
 from mmrad.symptoms import MMR_OCT, OCT_KINDS, RESC_LESIONS
 
 __all__ = ["render_oct"]
@@ -770,15 +770,7 @@ def render_oct(eye: Eye, size: tuple[int, int], lesions: Sequence[str] = (), sty
     Returns ``Rendered`` with a (H, W) uint8 image, one bool mask per lesion kind
     and the anatomy mask "retina" (ILM to Bruch's membrane).
     """
-    if style not in _STYLES:
-        raise ValueError(f"unknown OCT style {style!r}; expected one of {sorted(_STYLES)}")
-    kinds = list(dict.fromkeys(lesions))
-    for kind in kinds:
-        if kind not in _LESIONS:
-            raise ValueError(f"unknown OCT lesion kind {kind!r}; expected one of {OCT_KINDS}")
-    H, W = int(size[0]), int(size[1])
-    if H < 16 or W < 16:
-        raise ValueError(f"OCT size {size!r} too small")
+    H, W, kinds = check_request("OCT", size, lesions, style, _STYLES, OCT_KINDS)
     st = _STYLES[style]
 
     # Healthy eye: every draw from rng("oct"), in a fixed order.
@@ -792,7 +784,7 @@ def render_oct(eye: Eye, size: tuple[int, int], lesions: Sequence[str] = (), sty
     # kind looks the same whichever other kinds are requested.
     seeds = eye.rng("lesions-oct").integers(0, 2**63 - 1, size=len(OCT_KINDS))
     painters = []
-    for kind in sorted(kinds, key=OCT_KINDS.index):
+    for kind in kinds:
         lrng = np.random.default_rng(int(seeds[OCT_KINDS.index(kind)]))
         painters.append((kind, _LESIONS[kind](scene, lrng, _area_px(kind, H, W, lrng))))
 

@@ -1,0 +1,286 @@
+"""Fine-tuning MMRAD on healthy pairs with simulated anomalies (paper Sec. 4.3-4.4).
+
+Each step takes ``batch_size`` healthy cases, simulates an anomaly in each
+modality independently (``mmrad.simulate``), and minimises Eq. 8-10:
+``CE(M_fundus, B_fundus) + CE(M_oct, B_oct) + CE(S, max(B_fundus, B_oct))``
+(focal or dice for the maps as options, Table 10).
+
+Determinism and exact resume: the batch of step ``k`` (which cases, which
+simulated anomalies) is a pure function of ``(seed, k)``, and the model's
+frozen parts are rebuilt from the same seed, so a run interrupted after a
+checkpoint and resumed with ``resume=True`` ends with the same weights as an
+uninterrupted run (on the CPU; CUDA kernels may differ in the last bits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.ops import sigmoid_focal_loss
+from tqdm import tqdm
+
+from mmrad import weights as weight_files
+from mmrad.errors import DataError
+from mmrad.io import atomic_write_text
+from mmrad.model import FUNDUS, MMRAD, OCT, ModelConfig
+from mmrad.params import Params
+from mmrad.prepare import read_manifest
+from mmrad.simulate import SimulationConfig, simulate
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+MODEL_FILE = "model.pt"
+MODEL_FORMAT = "mmrad-finetuned/1"
+RANDOM_INIT = "random init"
+
+
+def model_config(params: Params) -> ModelConfig:
+    m = params.model
+    sam = params.weights.sam
+    return ModelConfig(encoder=m.encoder, image_size=m.image_size, prompt_dim=m.prompt_dim, cnn=m.cnn,
+                       cnn_count=m.cnn_count, fusion_order=tuple(m.fusion_order), token_init=m.token_init,
+                       abs_pos=not (sam is not None and sam.format == "lvm-med"))
+
+
+def build_model(params: Params) -> tuple[MMRAD, dict]:
+    """The model with its frozen parts loaded (or randomly initialised, said loudly).
+
+    Returns the model and the identity of its pretrained weights, for tracking.
+    """
+    torch.manual_seed(params.seed)
+    model = MMRAD(model_config(params))
+    identity = {"sam": RANDOM_INIT, "resnets": []}
+    if params.weights.sam is not None:
+        w = params.weights.sam
+        if w.format == "sam":
+            report = weight_files.load_sam(model, w.path, sha256=w.sha256)
+        else:
+            report = weight_files.load_sam_encoder(model.image_encoder, w.path, fmt=w.format, sha256=w.sha256)
+        identity["sam"] = f"{w.format}:{Path(w.path).name}:sha256={report.sha256}"
+        model.init_tokens()  # T_m / T_f from the loaded SAM tokens
+    for i, cnn in enumerate(model.cnns):
+        w = params.weights.resnets[i] if i < len(params.weights.resnets) else None
+        if w is None:
+            identity["resnets"].append(RANDOM_INIT)
+            continue
+        if w.format == "vilref":  # CLIP's ModifiedResNet: its own stem, same stage shapes
+            cnn = model.cnns[i] = weight_files.ClipResNetTrunk().requires_grad_(False).to(memory_format=torch.channels_last)
+            report = weight_files.load_resnet50(cnn, w.path, fmt=w.format, sha256=w.sha256)
+        else:
+            report = weight_files.load_resnet50(cnn.resnet, w.path, fmt=w.format, sha256=w.sha256)
+        identity["resnets"].append(f"{w.format}:{Path(w.path).name}:sha256={report.sha256}")
+    if identity["sam"] == RANDOM_INIT or RANDOM_INIT in identity["resnets"]:
+        log.warning("RANDOM INIT: no pretrained weights configured for %s; the frozen encoder is random "
+                    "(set `weights` in params.yaml to use SAM / ResNet checkpoints)",
+                    ", ".join(k for k, v in [("SAM", identity["sam"])] + [(f"resnet {i}", r) for i, r in
+                                                                           enumerate(identity["resnets"])]
+                              if v == RANDOM_INIT))
+    return model, identity
+
+
+def load_training_pairs(prepared: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Healthy training pairs from a prepared paired dataset: (fundus, oct) as (N, S, S, 3) uint8."""
+    prepared = Path(prepared)
+    frame = read_manifest(prepared)
+    train = frame[(frame.split == "train") & (frame.label == 0)]
+    by_case = {cid: group.set_index("modality") for cid, group in train.groupby("case_id", sort=True)}
+    incomplete = [cid for cid, g in by_case.items() if set(g.index) != {FUNDUS, OCT}]
+    if not by_case or incomplete:
+        raise DataError(prepared / "manifest.parquet", "training needs paired fundus + OCT cases",
+                        f"{len(by_case)} cases, unpaired: {incomplete[:5]}")
+
+    def load(path: str) -> np.ndarray:
+        return np.asarray(Image.open(prepared / path).convert("RGB"))
+
+    fundus = np.stack([load(g.loc[FUNDUS, "cache_image"]) for g in by_case.values()])
+    oct_ = np.stack([load(g.loc[OCT, "cache_image"]) for g in by_case.values()])
+    return fundus, oct_, list(by_case)
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Cases of one step: each epoch visits every case once, in a seeded order."""
+    per_epoch = math.ceil(n / batch_size)
+    epoch, position = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, 1, epoch]).permutation(n)
+    chunk = order[position * batch_size:(position + 1) * batch_size]
+    if len(chunk) < batch_size:  # last, short batch of the epoch: top up from the start
+        chunk = np.concatenate([chunk, order[: batch_size - len(chunk)]])
+    return chunk
+
+
+def make_batch(fundus: np.ndarray, oct_: np.ndarray, step: int, params: Params) -> dict[str, torch.Tensor]:
+    """Images, simulated masks and case labels of one step (a pure function of seed and step)."""
+    config = SimulationConfig(probability=params.simulation.probability, transforms=params.simulation.transforms)
+    idx = batch_indices(len(fundus), params.train.batch_size, step, params.seed)
+    batch: dict[str, list] = {FUNDUS: [], OCT: [], f"{FUNDUS}_mask": [], f"{OCT}_mask": []}
+    for j, case in enumerate(idx):
+        for k, (modality, images) in enumerate(((FUNDUS, fundus), (OCT, oct_))):
+            rng = np.random.default_rng([params.seed, 2, step, j, k])
+            image, mask = simulate(images[case], modality, config, rng)
+            batch[modality].append(image)
+            batch[f"{modality}_mask"].append(mask)
+    tensors = {key: torch.from_numpy(np.stack(value)) for key, value in batch.items()}
+    for modality in (FUNDUS, OCT):
+        tensors[modality] = tensors[modality].permute(0, 3, 1, 2).float()
+        tensors[f"{modality}_mask"] = tensors[f"{modality}_mask"].float()
+    tensors["label"] = torch.maximum(tensors[f"{FUNDUS}_mask"].flatten(1).amax(1),
+                                     tensors[f"{OCT}_mask"].flatten(1).amax(1))
+    return tensors
+
+
+def map_loss(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "ce":
+        return F.binary_cross_entropy_with_logits(logits, target)
+    if kind == "focal":
+        return sigmoid_focal_loss(logits, target, alpha=0.25, gamma=2.0, reduction="mean")
+    probs = torch.sigmoid(logits).flatten(1)  # dice, per image, smoothed so empty masks are fine
+    target = target.flatten(1)
+    dice = (2 * (probs * target).sum(1) + 1) / (probs.sum(1) + target.sum(1) + 1)
+    return (1 - dice).mean()
+
+
+def losses(out: dict, batch: dict, kind: str) -> dict[str, torch.Tensor]:
+    """Eq. 8-10: localisation on both maps + detection on the fused score."""
+    parts = {m: map_loss(out[m].float(), batch[f"{m}_mask"], kind) for m in (FUNDUS, OCT)}
+    parts["score"] = F.binary_cross_entropy_with_logits(out["score"].float(), batch["label"])
+    parts["loss"] = parts[FUNDUS] + parts[OCT] + parts["score"]
+    return parts
+
+
+def params_hash(params: Params) -> str:
+    """What a checkpoint must match to be resumed: everything that shapes the run."""
+    relevant = {k: params.model_dump(mode="json")[k] for k in ("seed", "model", "weights", "simulation", "train")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("params.yaml", "train.device is 'cuda' but no CUDA device is available")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def train(params: Params, prepared: str | Path, out: str | Path, checkpoint_dir: str | Path,
+          resume: bool = False, stop_after: int | None = None, progress: bool | None = None) -> dict:
+    """Fine-tune and write ``out/model.pt`` (trainable weights only) and ``out/metrics.json``.
+
+    ``checkpoint_dir`` holds the resumable ``checkpoint.pt`` (every
+    ``train.checkpoint_every`` steps). ``stop_after`` ends early after that
+    many steps (for tests and for splitting a long run), leaving a checkpoint.
+    """
+    t = params.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = resolve_device(t.device)
+    out, checkpoint_dir = Path(out), Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    fundus, oct_, case_ids = load_training_pairs(prepared)
+    model, identity = build_model(params)
+    model.to(device).train()
+    counts = model.parameter_counts()
+    log.info("training on %s: %d healthy pairs, trainable %s / frozen %s parameters",
+             device, len(case_ids), f"{counts['trainable']:,}", f"{counts['frozen']:,}")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(trainable, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+
+    start, history = 0, []
+    checkpoint_path = checkpoint_dir / CHECKPOINT
+    if resume:
+        if not checkpoint_path.is_file():
+            raise DataError(checkpoint_path, "no checkpoint to resume from")
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        if state["params_hash"] != params_hash(params):
+            raise DataError(checkpoint_path, "checkpoint was made with other parameters; cannot resume")
+        model.load_state_dict(state["trainable"], strict=False)
+        optimiser.load_state_dict(state["optimizer"])
+        start, history = state["step"], state["history"]
+        log.info("resumed from step %d", start)
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    end = t.steps if stop_after is None else min(t.steps, start + stop_after)
+    started = time.perf_counter()
+    bar = tqdm(range(start, end), initial=start, total=t.steps, desc="train", unit="step",
+               disable=None if progress is None else not progress)
+    for step in bar:
+        batch = {k: v.to(device) for k, v in make_batch(fundus, oct_, step, params).items()}
+        with autocast:
+            out_ = model(batch[FUNDUS], batch[OCT])
+        parts = losses(out_, batch, t.loss)
+        optimiser.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        optimiser.step()
+        record = {"step": step + 1, **{k: round(float(v.detach()), 6) for k, v in parts.items()}}
+        history.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if (step + 1) % t.checkpoint_every == 0 or step + 1 == end:
+            _save_atomic({"step": step + 1, "trainable": model.trainable_state_dict(),
+                          "optimizer": optimiser.state_dict(), "history": history,
+                          "params_hash": params_hash(params)}, checkpoint_path)
+    bar.close()
+    seconds = time.perf_counter() - started
+    if end < t.steps:
+        log.info("stopped after step %d of %d; resume with --resume", end, t.steps)
+        return {"step": end, "finished": False}
+
+    out.mkdir(parents=True, exist_ok=True)
+    _save_atomic({"format": MODEL_FORMAT, "config": dataclasses.asdict(model.config),
+                  "trainable": {k: v.cpu() for k, v in model.trainable_state_dict().items()},
+                  "weights": identity, "seed": params.seed, "steps": t.steps, "params_hash": params_hash(params)},
+                 out / MODEL_FILE)
+    window = min(10, len(history))
+    metrics = {
+        "steps": t.steps, "device": device.type, "seconds": round(seconds, 1),
+        "first_loss": round(float(np.mean([h["loss"] for h in history[:window]])), 5),
+        "final_loss": round(float(np.mean([h["loss"] for h in history[-window:]])), 5),
+        "trainable_parameters": counts["trainable"], "frozen_parameters": counts["frozen"],
+        "pretrained": identity["sam"] != RANDOM_INIT, "weights": identity,
+    }
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    lines = ["step\tloss\tfundus\toct\tscore"] + [
+        f"{h['step']}\t{h['loss']}\t{h[FUNDUS]}\t{h[OCT]}\t{h['score']}" for h in history]
+    atomic_write_text(out / "loss.tsv", "\n".join(lines) + "\n")
+    log.info("trained %d steps in %.1f s: loss %.4f -> %.4f", t.steps, seconds, metrics["first_loss"],
+             metrics["final_loss"])
+    return metrics
+
+
+def load_finetuned(path: str | Path, params: Params) -> MMRAD:
+    """Rebuild a trained model: frozen parts from their weights (as ``params`` says), trainable from the file.
+
+    The frozen parts must be the ones it was trained with: the same weight
+    files, or for a random initialisation the same seed.
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unreadable / not a torch file: one rule
+        raise DataError(path, "not a readable model file", str(exc)) from exc
+    if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
+        raise DataError(path, f"not an {MODEL_FORMAT} model file")
+    model, identity = build_model(params)
+    if identity != state["weights"] or state["seed"] != params.seed:
+        raise DataError(path, "model was trained on other frozen weights than params.yaml configures",
+                        f"file: {state['weights']} seed {state['seed']}; params: {identity} seed {params.seed}")
+    missing = set(model.trainable_state_dict()) - set(state["trainable"])
+    if missing:
+        raise DataError(path, "model file lacks trainable parameters", f"{sorted(missing)[:5]}")
+    model.load_state_dict(state["trainable"], strict=False)
+    return model.eval()
