@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mmrad.errors import DataError
 
@@ -126,6 +126,15 @@ class Params(_Strict):
         if unknown:
             raise ValueError(f"unknown dataset(s) {unknown}; known: {sorted(LAYOUTS)}")
         return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Params":
+        if self.model.image_size != self.prepare.resolution:
+            raise ValueError(f"model.image_size ({self.model.image_size}) must equal prepare.resolution "
+                             f"({self.prepare.resolution}): the model reads the prepared cache")
+        if self.train.dataset not in self.datasets:
+            raise ValueError(f"train.dataset {self.train.dataset!r} is not configured under 'datasets'")
+        return self
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

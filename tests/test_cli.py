@@ -39,6 +39,9 @@ def _write_params(tmp_path, raw):
         (lambda p: p["synthetic"].update(colour="blue"), "invalid parameter 'synthetic.colour'"),
         (lambda p: p.pop("seed"), "invalid parameter 'seed'"),
         (lambda p: p["datasets"].update(mvtec={"root": "x"}), "unknown dataset(s) ['mvtec']"),
+        (lambda p: p["model"].update(image_size=128), "model.image_size (128) must equal prepare.resolution (64)"),
+        (lambda p: p["train"].update(loss="l2"), "invalid parameter 'train.loss'"),
+        (lambda p: p["weights"].update(sam={"path": "x.pth"}), "invalid parameter 'weights.sam.format'"),
     ],
 )
 def test_bad_params_give_one_line_naming_file_and_key(tmp_path, capsys, change, rule):

@@ -49,6 +49,8 @@ def test_repro_builds_the_data_stages_and_a_second_repro_does_nothing(repo):
     for name in ("mmr", "idrid", "resc"):
         assert f"Running stage 'prepare@{name}'" in log
         assert (root / "data" / "prepared" / name / "manifest.parquet").is_file()
+    assert "Running stage 'train'" in log and "RANDOM INIT" in log
+    assert (root / "models" / "mmrad" / "model.pt").is_file()
     assert (root / "data" / "raw" / "synthetic" / "IDRiD" / "A. Segmentation").is_dir()
 
     status = _run([dvc, "status"], root, env)
@@ -60,15 +62,20 @@ def test_repro_builds_the_data_stages_and_a_second_repro_does_nothing(repo):
     assert (root / "data" / "prepared" / "mmr" / "manifest.parquet").stat().st_mtime_ns == stamp
 
 
-def test_changing_a_prepare_param_reruns_only_prepare(repo):
+def test_a_param_change_reruns_what_depends_on_it_and_no_more(repo):
     root, env, dvc = repo
     _run([dvc, "repro"], root, env)
     raw = yaml.safe_load((root / "params.yaml").read_text())
-    raw["prepare"]["resolution"] = 48
+    raw["prepare"]["workers"] = 2  # prepare re-runs; its output is identical, so training does not
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     log = _run([dvc, "repro"], root, env)
     assert "Running stage 'generate'" not in log
     assert "Running stage 'prepare@mmr'" in log
+    assert "Running stage 'train'" not in log
+    raw["train"]["lr"] = 1e-3  # a training param re-runs training only
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    log = _run([dvc, "repro"], root, env)
+    assert "Running stage 'train'" in log and "Running stage 'prepare@mmr'" not in log
 
 
 def test_a_failing_stage_fails_repro_with_the_rule(repo):
