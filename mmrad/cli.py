@@ -23,6 +23,8 @@ MMRAD pipeline stages (run them all with `dvc repro`):
   generate       render the synthetic default dataset in the real MMR / IDRiD / RESC layouts
   prepare        validate one dataset, write its split manifest (parquet) and resized cache
   train          fine-tune MMRAD on healthy pairs with simulated anomalies
+  evaluate       metrics, curves and overlays of MMRAD or a baseline on the test split
+  report         the markdown report: our tables beside the paper's
   contact-sheet  save a PNG grid of synthetic images with their lesion outlines
 
 Every stage reads params.yaml (see the comments there). Bad input stops the
@@ -67,6 +69,37 @@ def _cmd_train(args) -> None:
     train(params, prepared, args.out, args.checkpoints, resume=args.resume, stop_after=args.stop_after)
 
 
+def _cmd_evaluate(args) -> None:
+    from mmrad.evaluate import run_baseline, run_mmrad
+    from mmrad.params import load_params
+
+    params = load_params(args.params)
+    prepared = args.prepared or f"data/prepared/{params.train.dataset}"
+    if args.method == "mmrad":
+        run_mmrad(params, args.model, prepared, args.out or "reports/mmrad")
+    else:
+        run_baseline(params, args.method, prepared, args.out or f"reports/{args.method}")
+
+
+def _cmd_report(args) -> None:
+    import json
+
+    from mmrad.params import load_params
+    from mmrad.report import write_report
+
+    params = load_params(args.params)
+    files = {m: Path(args.reports) / m / "metrics.json" for m in ("mmrad", "padim", "patchcore")}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise DataError(missing[0], "metrics file is missing (run the evaluate stages first)")
+    trained = json.loads(Path(args.train_metrics).read_text()) if Path(args.train_metrics).is_file() else {}
+    roots = {name: source.root for name, source in params.datasets.items()}
+    context = {"data": f"{params.train.dataset} from {roots[params.train.dataset]}",
+               "weights": "yes" if trained.get("pretrained") else "none (random initialisation)"}
+    write_report(files, Path(args.out), context)
+    log.info("report -> %s", args.out)
+
+
 def _cmd_contact_sheet(args) -> None:
     from mmrad.params import load_params
     from mmrad.viz import contact_sheet
@@ -108,6 +141,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint, exactly")
     p.add_argument("--stop-after", type=int, metavar="N", help="stop after N more steps (a checkpoint stays)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate MMRAD or a baseline on the prepared test split",
+                       description="Pixel AUROC and AU-PRO per modality, detection AUROC of every case score, "
+                                   "per-symptom results, ROC/PRO curves (CSV) and overlay PNGs. "
+                                   "Baselines (padim, patchcore) are fitted on the healthy training split first.")
+    p.add_argument("method", choices=["mmrad", "padim", "patchcore"])
+    p.add_argument("--model", default="models/mmrad/model.pt", help="MMRAD model file (default: %(default)s)")
+    p.add_argument("--prepared", help="prepared dataset folder (default: data/prepared/<train.dataset>)")
+    p.add_argument("--out", help="output folder (default: reports/<method>)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("report", help="write the markdown report from the evaluation metrics",
+                       description="Tables 2, 5, 12 and 13 of the paper, with our numbers beside the published ones.")
+    p.add_argument("--reports", default="reports", help="folder of <method>/metrics.json (default: %(default)s)")
+    p.add_argument("--train-metrics", default="models/mmrad/metrics.json")
+    p.add_argument("--out", default="reports/report.md")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("contact-sheet", help="save a PNG grid of synthetic images",
                        description="Render a grid of synthetic fundus and OCT images, healthy and with "

@@ -214,23 +214,42 @@ def _curve_from_keys(keys: np.ndarray, labels: np.ndarray, inv_area: np.ndarray,
     return fpr, pro
 
 
-def _prepare(anomaly_maps, gt_masks):
+def _check_ignore(ignore, masks: np.ndarray) -> np.ndarray | None:
+    """``ignore``: pixels that are neither anomaly-free nor region (e.g. other symptoms)."""
+    if ignore is None:
+        return None
+    ignore = _as_binary(ignore, "ignore")
+    if ignore.shape != masks.shape:
+        raise ValueError(f"shape mismatch: ignore {ignore.shape} vs gt_masks {masks.shape}")
+    if np.any(ignore & masks):
+        raise ValueError("ignore overlaps gt_masks: a pixel cannot be both region and ignored")
+    return ignore
+
+
+def _prepare(anomaly_maps, gt_masks, ignore=None):
     """Score keys, region labels, 1 / area per label and the totals, all flat."""
     maps, masks = _check_maps_masks(anomaly_maps, gt_masks)
+    ignore = _check_ignore(ignore, masks)
     if maps.size >= 2**32:
         raise ValueError(f"too many pixels for this implementation ({maps.size} >= 2**32)")
     labels, inv_area, n_regions = _region_labels(masks)
-    n_normal = int(maps.size - np.count_nonzero(masks))
-    return _score_keys(maps), labels, inv_area, n_normal, n_regions
+    keys = _score_keys(maps)
+    if ignore is not None:
+        keep = ~ignore.ravel()
+        keys, labels = keys[keep], labels[keep]
+    n_normal = int(np.count_nonzero(labels == 0))
+    if n_normal == 0:
+        raise ValueError("gt_masks has no negative pixel outside the ignored ones")
+    return keys, labels, inv_area, n_normal, n_regions
 
 
-def pro_curve(anomaly_maps, gt_masks) -> tuple[np.ndarray, np.ndarray]:
+def pro_curve(anomaly_maps, gt_masks, ignore=None) -> tuple[np.ndarray, np.ndarray]:
     """The whole PRO curve: (fpr, pro), float64, one point per distinct score.
 
     Starts at (0, 0) (threshold +inf) and ends at (1, 1) (the lowest score);
     ``fpr`` is non-decreasing. See the module docstring for the tie convention.
     """
-    return _curve_from_keys(*_prepare(anomaly_maps, gt_masks))
+    return _curve_from_keys(*_prepare(anomaly_maps, gt_masks, ignore))
 
 
 def _curve_prefix(keys, labels, inv_area, n_normal, n_regions, limit):
@@ -269,19 +288,27 @@ def _area_to_limit(fpr: np.ndarray, pro: np.ndarray, limit: float) -> float:
     return area
 
 
-def aupro(anomaly_maps, gt_masks, fpr_limit: float = 0.3) -> float:
-    """Normalised area under the PRO curve for FPR in [0, fpr_limit], in [0, 1]."""
+def aupro(anomaly_maps, gt_masks, fpr_limit: float = 0.3, ignore=None) -> float:
+    """Normalised area under the PRO curve for FPR in [0, fpr_limit], in [0, 1].
+
+    ``ignore`` (optional, like gt_masks) removes pixels from the evaluation
+    entirely: used for one symptom's AU-PRO, where the other symptoms' pixels
+    are neither regions nor anomaly-free (paper Table 13).
+    """
     limit = _check_fpr_limit(fpr_limit)
-    prepared = _prepare(anomaly_maps, gt_masks)
+    prepared = _prepare(anomaly_maps, gt_masks, ignore)
     fpr, pro = _curve_prefix(*prepared, limit)
-    return min(max(_area_to_limit(fpr, pro, limit) / limit, 0.0), 1.0)
+    return float(min(max(_area_to_limit(fpr, pro, limit) / limit, 0.0), 1.0))
 
 
 # --------------------------------------------------------------------------- ROC
 
-def pixel_auroc(anomaly_maps, gt_masks) -> float:
-    """ROC AUC of all pixels of all maps pooled."""
+def pixel_auroc(anomaly_maps, gt_masks, ignore=None) -> float:
+    """ROC AUC of all pixels of all maps pooled (``ignore``: pixels left out, as in ``aupro``)."""
     maps, masks = _check_maps_masks(anomaly_maps, gt_masks)
+    ignore = _check_ignore(ignore, masks)
+    if ignore is not None:
+        maps, masks = maps[~ignore], masks[~ignore]
     return float(roc_auc_score(masks.ravel(), maps.ravel()))
 
 

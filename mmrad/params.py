@@ -107,6 +107,11 @@ class Train(_Strict):
     threads: Annotated[int, Field(ge=0)]
 
 
+class Baselines(_Strict):
+    padim_channels: Count
+    patchcore_coreset_ratio: float = Field(gt=0.0, le=1.0)
+
+
 class Params(_Strict):
     seed: Annotated[int, Field(ge=0)]
     synthetic: Synthetic
@@ -116,6 +121,7 @@ class Params(_Strict):
     weights: Weights
     simulation: Simulation
     train: Train
+    baselines: Baselines
 
     @field_validator("datasets")
     @classmethod

@@ -386,3 +386,24 @@ def test_detection_rejects_bad_input(fn):
         fn([0.1, np.nan], [0, 1])
     with pytest.raises(ValueError, match="binary"):
         fn([0.1, 0.2, 0.3], [0, 1, 2])
+
+
+def test_ignored_pixels_leave_the_evaluation_entirely():
+    """Ignoring pixels equals deleting them: compare with the same set where they are cut out."""
+    rng = np.random.default_rng(7)
+    maps = rng.random((3, 12, 12))
+    masks = np.zeros((3, 12, 12), bool)
+    masks[0, 2:5, 2:5] = True
+    masks[1, 7:9, 1:4] = True
+    ignore = np.zeros_like(masks)
+    ignore[:, :, 10:] = True  # two whole columns of every image: other symptoms, say
+    ignore &= ~masks
+    cut_maps, cut_masks = maps[:, :, :10], masks[:, :, :10]  # the same set without those columns
+    assert aupro(maps, masks, ignore=ignore) == pytest.approx(aupro(cut_maps, cut_masks), abs=1e-12)
+    assert pixel_auroc(maps, masks, ignore=ignore) == pytest.approx(pixel_auroc(cut_maps, cut_masks))
+    # ignored pixels scoring above everything change nothing
+    loud = maps.copy()
+    loud[ignore] = 10.0
+    assert aupro(loud, masks, ignore=ignore) == pytest.approx(aupro(maps, masks, ignore=ignore))
+    with pytest.raises(ValueError, match="ignore overlaps gt_masks"):
+        aupro(maps, masks, ignore=masks)
