@@ -10,7 +10,10 @@ and ``evaluate_predictions`` computes the same metrics from them:
   fusion token, fundus-only and OCT-only (each the max of a single-modal
   map, Fig. 5), and the max / mean of the two modalities' image scores;
 * per symptom (Table 13): a symptom's pixels against the anomaly-free pixels,
-  the other symptoms' pixels left out.
+  the other symptoms' pixels left out;
+* cross-modal retrieval (a diagnostic, MMRAD only): fundus-to-OCT and
+  OCT-to-fundus top-1 accuracy of the paired test cases from the model's pooled
+  image embeddings, beside chance (1 / N).
 
 ``write_outputs`` saves metrics.json (for ``dvc metrics``), ROC / PRO curves as
 CSV (for ``dvc plots``) and overlay PNGs of maps on images.
@@ -58,6 +61,7 @@ class SplitData:
 class Predictions:
     maps: dict[str, np.ndarray]  # modality -> (N, S, S) float32 anomaly probability
     scores: dict[str, np.ndarray]  # score name -> (N,) case scores
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)  # modality -> (N, D) pooled, MMRAD only
 
 
 def load_split(prepared: str | Path, split: str = "test") -> SplitData:
@@ -92,19 +96,22 @@ def predict_mmrad(model: MMRAD, test: SplitData, batch_size: int = 8) -> Predict
     device = next(model.parameters()).device
     modalities = list(test.images)
     maps = {m: [] for m in modalities}
+    pooled: dict[str, list] = {m: [] for m in modalities}
     scores: dict[str, list] = {"fusion": [], **{f"{m}_only": [] for m in modalities}}
     for start in range(0, len(test.case_ids), batch_size):
         batch = {m: torch.from_numpy(test.images[m][start:start + batch_size]).permute(0, 3, 1, 2).float().to(device)
                  for m in modalities}
-        out = model(**batch)
+        out = model(**batch, pooled=True)
         for m in modalities:
             maps[m].append(torch.sigmoid(out[m]).float().cpu().numpy())
+            pooled[m].append(out[f"{m}_pooled"].float().cpu().numpy())
             single = out if len(modalities) == 1 else model(**{m: batch[m]})
             scores[f"{m}_only"].append(torch.sigmoid(single["score"]).float().cpu().numpy())
         if len(modalities) == 2:
             scores["fusion"].append(torch.sigmoid(out["score"]).float().cpu().numpy())
     result = Predictions({m: np.concatenate(v) for m, v in maps.items()},
-                         {k: np.concatenate(v) for k, v in scores.items() if v})
+                         {k: np.concatenate(v) for k, v in scores.items() if v},
+                         {m: np.concatenate(v) for m, v in pooled.items()})
     return with_combined_scores(result)
 
 
@@ -147,6 +154,11 @@ def evaluate_predictions(test: SplitData, predictions: Predictions) -> tuple[dic
         main = "fusion" if "fusion" in predictions.scores else next(iter(predictions.scores))
         fpr, tpr = metrics.roc_curve_points(predictions.scores[main], test.labels)
         curves["roc_detection"] = {"fpr": fpr, "tpr": tpr}
+    if len(predictions.embeddings) == 2 and len(test.case_ids) >= 2:
+        fundus, oct_ = predictions.embeddings[FUNDUS], predictions.embeddings[OCT]
+        result["retrieval"] = {"fundus_to_oct_top1": round(metrics.retrieval_top1(fundus, oct_), 4),
+                               "oct_to_fundus_top1": round(metrics.retrieval_top1(oct_, fundus), 4),
+                               "chance": round(1 / len(test.case_ids), 4)}
     return result, curves
 
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics: pixel AUROC, AU-PRO and detection AUROC.
+"""Evaluation metrics: pixel AUROC, AU-PRO, detection AUROC and cross-modal retrieval.
 
 Every function takes plain numpy arrays: ``anomaly_maps`` of shape (N, H, W)
 (real scores, higher = more anomalous) and ``gt_masks`` of the same shape
@@ -10,6 +10,10 @@ Definitions (facts.md section 3)
 * **Pixel AUROC**: ROC AUC of all pixels of all maps pooled
   (``sklearn.metrics.roc_auc_score``).
 * **Detection AUROC**: ROC AUC of one score per case (sklearn).
+* **Cross-modal retrieval top-1** (a diagnostic, as in the retinal CLIP /
+  CLOOB work): query i's embedding of one modality retrieves, by cosine
+  similarity, among the other modality's embeddings of all N cases; it is a hit
+  if its own pair ranks first. Chance is 1 / N.
 * **AU-PRO** (MVTec AD definition). Regions are the 8-connected components of
   each ground-truth mask, pooled over the whole test set (a region never spans
   two images). For a threshold t:
@@ -59,7 +63,7 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score, roc_curve
 
-__all__ = ["pixel_auroc", "aupro", "pro_curve", "detection_auroc", "roc_curve_points"]
+__all__ = ["pixel_auroc", "aupro", "pro_curve", "detection_auroc", "roc_curve_points", "retrieval_top1"]
 
 # 8-connectivity inside each image, none across the image axis: labelling the
 # whole (N, H, W) stack at once then keeps regions of different images apart.
@@ -323,3 +327,33 @@ def roc_curve_points(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     s, y = _check_scores_labels(scores, labels)
     fpr, tpr, _ = roc_curve(y, s)
     return fpr, tpr
+
+
+# --------------------------------------------------------------------------- retrieval
+
+def retrieval_top1(queries, gallery, center: bool = True) -> float:
+    """Fraction of queries whose own pair (same row of ``gallery``) is the most cosine-similar.
+
+    ``queries`` and ``gallery`` are (N, D) embeddings of the same N cases in two
+    modalities. ``center`` subtracts each modality's mean embedding first: two
+    encoders (or one encoder on two modalities) put the modalities in different
+    regions, and the shared offset would otherwise dominate every cosine. A tie
+    for first place counts as the chance of picking the pair among the tied
+    (1 / number tied), so constant embeddings score exactly chance, 1 / N.
+    """
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    q, g = np.asarray(queries, dtype=np.float64), np.asarray(gallery, dtype=np.float64)
+    if q.ndim != 2 or q.shape != g.shape:
+        raise ValueError(f"queries and gallery must both be (N, D) with the same shape, got {q.shape} and {g.shape}")
+    if len(q) < 2:
+        raise ValueError(f"retrieval needs at least 2 cases, got {len(q)}")
+    if not (np.isfinite(q).all() and np.isfinite(g).all()):
+        raise ValueError("embeddings contain NaN or infinite values")
+    if center:
+        q, g = q - q.mean(axis=0), g - g.mean(axis=0)
+    similarity = np.round(cosine_similarity(q, g), 12)  # rounding: equal cosines compare equal
+    best = similarity.max(axis=1, keepdims=True)
+    tied = (similarity == best).sum(axis=1)
+    own_first = np.diag(similarity) == best[:, 0]
+    return float(np.mean(own_first / tied))

@@ -249,11 +249,14 @@ class MMRAD(nn.Module):
         logits = F.interpolate(logits[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
         return logits, hs[:, :1]
 
-    def forward(self, fundus: torch.Tensor | None = None, oct: torch.Tensor | None = None) -> dict:
+    def forward(self, fundus: torch.Tensor | None = None, oct: torch.Tensor | None = None,
+                pooled: bool = False) -> dict:
         """Maps (logits, (B, S, S)) per given modality and the case score logit (B,).
 
         With both modalities the score is the fusion token's; with one, the
         maximum of its map (Fig. 5), so one trained model serves both uses.
+        ``pooled`` adds ``"<modality>_pooled"``: the image embedding averaged over
+        the token grid, (B, 256), for the cross-modal retrieval diagnostic.
         """
         inputs = {FUNDUS: fundus, OCT: oct}
         given = [m for m in self.config.fusion_order if inputs[m] is not None]
@@ -263,7 +266,10 @@ class MMRAD(nn.Module):
         fusion = self.fusion_token.expand(b, 1, -1)
         out: dict = {}
         for modality in given:  # fundus first by default: T_f carries over
-            out[modality], fusion = self.decode(self.embed(inputs[modality]), fusion)
+            embedding = self.embed(inputs[modality])
+            out[modality], fusion = self.decode(embedding, fusion)
+            if pooled:
+                out[f"{modality}_pooled"] = embedding.mean(dim=(2, 3))
         if len(given) == 2:
             out["score"] = self.fusion_head(fusion[:, 0])[:, 0]
         else:

@@ -29,6 +29,10 @@ PAPER_TABLE13 = {
     "oct": {1: (0.8855, 0.3870), 2: (0.7574, 0.4279), 3: (0.8758, 0.5456), 4: (0.8910, 0.5378),
             5: (0.8539, 0.3789), 6: (0.8399, 0.3290), 7: (0.8651, 0.7227), 8: (0.6413, 0.4633)},
 }
+PAPER_TABLE11 = {"mmr_to_idrid": (0.7836, 0.2601), "idrid_to_idrid": (0.8375, 0.3544),
+                 "mmr_to_resc": (0.7549, 0.3974), "resc_to_resc": (0.8171, 0.4371)}
+TRANSFER_ROWS = {"idrid_to_idrid": ("IDRiD", "IDRiD", "fundus"), "mmr_to_idrid": ("IDRiD", "MMR", "fundus"),
+                 "resc_to_resc": ("RESC", "RESC", "oct"), "mmr_to_resc": ("RESC", "MMR", "oct")}
 METHODS = {"mmrad": "MMRAD", "padim": "PaDiM", "patchcore": "PatchCore"}
 
 
@@ -42,8 +46,8 @@ def _detection(result: dict) -> float | None:
     return detection.get("fusion", detection.get("max"))
 
 
-def render(results: dict[str, dict], context: dict) -> str:
-    """Markdown from {method key: metrics.json content}; ``context`` describes the run."""
+def render(results: dict[str, dict], context: dict, transfer: dict[str, dict] | None = None) -> str:
+    """Markdown from {method key: metrics.json content} (and Table 11's transfer results)."""
     lines = ["# MMRAD evaluation report", "",
              f"Data: **{context.get('data', 'unknown')}**. Pretrained weights: **{context.get('weights', 'unknown')}**.",
              "\"paper\" columns are the published numbers on the real MMR dataset with a pretrained SAM; "
@@ -79,6 +83,15 @@ def render(results: dict[str, dict], context: dict) -> str:
         if d.get("fusion") is not None and d["fusion"] < best_single:
             lines += ["", f"**Modality imbalance:** the fused score ({d['fusion']:.4f}) is below the best single "
                           f"modality ({best_single:.4f}): fusion is not using both modalities well."]
+        retrieval = results["mmrad"].get("retrieval")
+        if retrieval:
+            lines += ["", "## Diagnostic: cross-modal retrieval from pooled image embeddings (top-1 accuracy)", "",
+                      "Each test case's fundus embedding retrieves among all cases' OCT embeddings (and back) by "
+                      "cosine similarity; a hit when its own pair ranks first. MMRAD is not trained to align the "
+                      "modalities, so this measures how much case identity its shared encoder carries across them.",
+                      "", "| fundus → OCT | OCT → fundus | chance |", "|---:|---:|---:|",
+                      f"| {_f(retrieval['fundus_to_oct_top1'])} | {_f(retrieval['oct_to_fundus_top1'])} "
+                      f"| {_f(retrieval['chance'])} |"]
         lines += ["", "## Table 13: MMRAD per symptom (pixel AUROC / AU-PRO)", "",
                   "| modality | id | symptom | test images | ours AUC | ours PRO | paper AUC | paper PRO |",
                   "|---|---:|---|---:|---:|---:|---:|---:|"]
@@ -87,13 +100,25 @@ def render(results: dict[str, dict], context: dict) -> str:
                 paper = PAPER_TABLE13.get(modality, {}).get(int(class_id))
                 lines.append(f"| {modality} | {class_id} | {row['name']} | {row['images']} | {_f(row['pixel_auroc'])} "
                              f"| {_f(row['aupro'])} | {_f(paper[0] if paper else None)} | {_f(paper[1] if paper else None)} |")
+    if transfer:
+        lines += ["", "## Table 11: transfer (MMRAD localisation, pixel AUROC / AU-PRO)", "",
+                  "| test dataset | trained on | ours AUC | ours PRO | paper AUC | paper PRO |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for key, (test_name, train_name, modality) in TRANSFER_ROWS.items():
+            loc = transfer.get(key, {}).get("localisation", {}).get(modality, {})
+            paper = PAPER_TABLE11[key]
+            lines.append(f"| {test_name} | {train_name} | {_f(loc.get('pixel_auroc'))} | {_f(loc.get('aupro'))} "
+                         f"| {paper[0]:.4f} | {paper[1]:.4f} |")
     lines += ["", "Overlays of the anomaly maps on the images: `reports/<method>/overlays/`. "
               "Curves: `dvc plots show`.", ""]
     return "\n".join(lines)
 
 
-def write_report(metric_files: dict[str, Path], out: Path, context: dict) -> Path:
+def write_report(metric_files: dict[str, Path], out: Path, context: dict,
+                 transfer_files: dict[str, Path] | None = None) -> Path:
     results = {key: json.loads(Path(path).read_text()) for key, path in metric_files.items()}
-    atomic_write_text(out, render(results, context))
+    transfer = {key: json.loads(Path(path).read_text()) for key, path in (transfer_files or {}).items()
+                if Path(path).is_file()}
+    atomic_write_text(out, render(results, context, transfer))
     return out
 

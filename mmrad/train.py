@@ -90,23 +90,27 @@ def build_model(params: Params) -> tuple[MMRAD, dict]:
     return model, identity
 
 
-def load_training_pairs(prepared: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Healthy training pairs from a prepared paired dataset: (fundus, oct) as (N, S, S, 3) uint8."""
+def load_training_images(prepared: str | Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Healthy training images of a prepared dataset, per modality: {modality: (N, S, S, 3) uint8}.
+
+    A paired dataset (MMR) gives both modalities of every case, aligned by
+    case; a single-modal one (IDRiD, RESC) gives its one modality (Fig. 5b).
+    """
     prepared = Path(prepared)
     frame = read_manifest(prepared)
     train = frame[(frame.split == "train") & (frame.label == 0)]
+    modalities = [m for m in (FUNDUS, OCT) if m in set(train.modality)]
     by_case = {cid: group.set_index("modality") for cid, group in train.groupby("case_id", sort=True)}
-    incomplete = [cid for cid, g in by_case.items() if set(g.index) != {FUNDUS, OCT}]
+    incomplete = [cid for cid, g in by_case.items() if set(g.index) != set(modalities)]
     if not by_case or incomplete:
-        raise DataError(prepared / "manifest.parquet", "training needs paired fundus + OCT cases",
-                        f"{len(by_case)} cases, unpaired: {incomplete[:5]}")
+        raise DataError(prepared / "manifest.parquet", "training needs healthy cases with every modality",
+                        f"{len(by_case)} cases, incomplete: {incomplete[:5]}")
 
     def load(path: str) -> np.ndarray:
         return np.asarray(Image.open(prepared / path).convert("RGB"))
 
-    fundus = np.stack([load(g.loc[FUNDUS, "cache_image"]) for g in by_case.values()])
-    oct_ = np.stack([load(g.loc[OCT, "cache_image"]) for g in by_case.values()])
-    return fundus, oct_, list(by_case)
+    images = {m: np.stack([load(g.loc[m, "cache_image"]) for g in by_case.values()]) for m in modalities}
+    return images, list(by_case)
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
@@ -120,23 +124,24 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
     return chunk
 
 
-def make_batch(fundus: np.ndarray, oct_: np.ndarray, step: int, params: Params) -> dict[str, torch.Tensor]:
+def make_batch(images: dict[str, np.ndarray], step: int, params: Params) -> dict[str, torch.Tensor]:
     """Images, simulated masks and case labels of one step (a pure function of seed and step)."""
     config = SimulationConfig(probability=params.simulation.probability, transforms=params.simulation.transforms)
-    idx = batch_indices(len(fundus), params.train.batch_size, step, params.seed)
-    batch: dict[str, list] = {FUNDUS: [], OCT: [], f"{FUNDUS}_mask": [], f"{OCT}_mask": []}
+    n = len(next(iter(images.values())))
+    idx = batch_indices(n, params.train.batch_size, step, params.seed)
+    batch: dict[str, list] = {key: [] for m in images for key in (m, f"{m}_mask")}
     for j, case in enumerate(idx):
-        for k, (modality, images) in enumerate(((FUNDUS, fundus), (OCT, oct_))):
+        for modality, stack in images.items():
+            k = (FUNDUS, OCT).index(modality)  # the stream of a modality is the same paired or alone
             rng = np.random.default_rng([params.seed, 2, step, j, k])
-            image, mask = simulate(images[case], modality, config, rng)
+            image, mask = simulate(stack[case], modality, config, rng)
             batch[modality].append(image)
             batch[f"{modality}_mask"].append(mask)
     tensors = {key: torch.from_numpy(np.stack(value)) for key, value in batch.items()}
-    for modality in (FUNDUS, OCT):
+    for modality in images:
         tensors[modality] = tensors[modality].permute(0, 3, 1, 2).float()
         tensors[f"{modality}_mask"] = tensors[f"{modality}_mask"].float()
-    tensors["label"] = torch.maximum(tensors[f"{FUNDUS}_mask"].flatten(1).amax(1),
-                                     tensors[f"{OCT}_mask"].flatten(1).amax(1))
+    tensors["label"] = torch.stack([tensors[f"{m}_mask"].flatten(1).amax(1) for m in images]).amax(0)
     return tensors
 
 
@@ -152,10 +157,17 @@ def map_loss(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Ten
 
 
 def losses(out: dict, batch: dict, kind: str) -> dict[str, torch.Tensor]:
-    """Eq. 8-10: localisation on both maps + detection on the fused score."""
-    parts = {m: map_loss(out[m].float(), batch[f"{m}_mask"], kind) for m in (FUNDUS, OCT)}
-    parts["score"] = F.binary_cross_entropy_with_logits(out["score"].float(), batch["label"])
-    parts["loss"] = parts[FUNDUS] + parts[OCT] + parts["score"]
+    """Eq. 8-10: localisation on every map + detection on the fused score.
+
+    With one modality (Fig. 5b) there is no fusion: localisation loss only.
+    """
+    modalities = [m for m in (FUNDUS, OCT) if m in out]
+    parts = {m: map_loss(out[m].float(), batch[f"{m}_mask"], kind) for m in modalities}
+    loss = sum(parts.values())
+    if len(modalities) == 2:
+        parts["score"] = F.binary_cross_entropy_with_logits(out["score"].float(), batch["label"])
+        loss = loss + parts["score"]
+    parts["loss"] = loss
     return parts
 
 
@@ -191,12 +203,12 @@ def train(params: Params, prepared: str | Path, out: str | Path, checkpoint_dir:
     device = resolve_device(t.device)
     out, checkpoint_dir = Path(out), Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    fundus, oct_, case_ids = load_training_pairs(prepared)
+    images, case_ids = load_training_images(prepared)
     model, identity = build_model(params)
     model.to(device).train()
     counts = model.parameter_counts()
-    log.info("training on %s: %d healthy pairs, trainable %s / frozen %s parameters",
-             device, len(case_ids), f"{counts['trainable']:,}", f"{counts['frozen']:,}")
+    log.info("training on %s: %d healthy cases (%s), trainable %s / frozen %s parameters", device, len(case_ids),
+             " + ".join(images), f"{counts['trainable']:,}", f"{counts['frozen']:,}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(trainable, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
 
@@ -220,9 +232,9 @@ def train(params: Params, prepared: str | Path, out: str | Path, checkpoint_dir:
     bar = tqdm(range(start, end), initial=start, total=t.steps, desc="train", unit="step",
                disable=None if progress is None else not progress)
     for step in bar:
-        batch = {k: v.to(device) for k, v in make_batch(fundus, oct_, step, params).items()}
+        batch = {k: v.to(device) for k, v in make_batch(images, step, params).items()}
         with autocast:
-            out_ = model(batch[FUNDUS], batch[OCT])
+            out_ = model(**{m: batch[m] for m in images})
         parts = losses(out_, batch, t.loss)
         optimiser.zero_grad(set_to_none=True)
         parts["loss"].backward()
@@ -247,15 +259,16 @@ def train(params: Params, prepared: str | Path, out: str | Path, checkpoint_dir:
                  out / MODEL_FILE)
     window = min(10, len(history))
     metrics = {
-        "steps": t.steps, "device": device.type, "seconds": round(seconds, 1),
+        "steps": t.steps, "device": device.type, "seconds": round(seconds, 1), "modalities": list(images),
         "first_loss": round(float(np.mean([h["loss"] for h in history[:window]])), 5),
         "final_loss": round(float(np.mean([h["loss"] for h in history[-window:]])), 5),
         "trainable_parameters": counts["trainable"], "frozen_parameters": counts["frozen"],
         "pretrained": identity["sam"] != RANDOM_INIT, "weights": identity,
     }
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    lines = ["step\tloss\tfundus\toct\tscore"] + [
-        f"{h['step']}\t{h['loss']}\t{h[FUNDUS]}\t{h[OCT]}\t{h['score']}" for h in history]
+    columns = ["loss", *images, *(["score"] if len(images) == 2 else [])]
+    lines = ["step\t" + "\t".join(columns)] + [
+        f"{h['step']}\t" + "\t".join(str(h[c]) for c in columns) for h in history]
     atomic_write_text(out / "loss.tsv", "\n".join(lines) + "\n")
     log.info("trained %d steps in %.1f s: loss %.4f -> %.4f", t.steps, seconds, metrics["first_loss"],
              metrics["final_loss"])

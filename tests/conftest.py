@@ -47,14 +47,34 @@ def synthetic_root(tmp_path_factory, tiny_params) -> Path:
     return root
 
 
+def _prepared(name, folder, synthetic_root, tmp_path_factory, tiny_params) -> Path:
+    from mmrad.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("prepared") / name
+    prepare_dataset(name, synthetic_root / folder, out, tiny_params.prepare.resolution, progress=False)
+    return out
+
+
 @pytest.fixture(scope="session")
 def prepared_mmr(synthetic_root, tmp_path_factory, tiny_params) -> Path:
     """The tiny synthetic MMR, prepared at the tiny resolution."""
-    from mmrad.prepare import prepare_dataset
+    return _prepared("mmr", "MMR", synthetic_root, tmp_path_factory, tiny_params)
 
-    out = tmp_path_factory.mktemp("prepared") / "mmr"
-    prepare_dataset("mmr", synthetic_root / "MMR", out, tiny_params.prepare.resolution, progress=False)
-    return out
+
+@pytest.fixture(scope="session")
+def prepared_resc(synthetic_root, tmp_path_factory, tiny_params) -> Path:
+    """The tiny synthetic RESC (OCT only), prepared at the tiny resolution."""
+    return _prepared("resc", "RESC", synthetic_root, tmp_path_factory, tiny_params)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(prepared_mmr, tmp_path_factory, tiny_params) -> tuple[Params, Path]:
+    """(params, model folder) of a tiny MMRAD trained for a few steps on the tiny MMR."""
+    from mmrad.train import train
+
+    out = tmp_path_factory.mktemp("model")
+    train(tiny_params, prepared_mmr, out, out / "ckpt", progress=False)
+    return tiny_params, out
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 from skimage.measure import label as sk_label
 from sklearn.metrics import roc_auc_score
 
-from mmrad.metrics import aupro, detection_auroc, pixel_auroc, pro_curve, roc_curve_points
+from mmrad.metrics import aupro, detection_auroc, pixel_auroc, pro_curve, retrieval_top1, roc_curve_points
 
 
 # --------------------------------------------------------------------------- helpers
@@ -407,3 +407,40 @@ def test_ignored_pixels_leave_the_evaluation_entirely():
     assert aupro(loud, masks, ignore=ignore) == pytest.approx(aupro(maps, masks, ignore=ignore))
     with pytest.raises(ValueError, match="ignore overlaps gt_masks"):
         aupro(maps, masks, ignore=masks)
+
+
+# --------------------------------------------------------------------------- retrieval
+
+def test_retrieval_top1_closed_form_cases():
+    rng = np.random.default_rng(0)
+    fundus = rng.normal(size=(10, 16))
+    # the same embeddings shifted and scaled per modality: every pair ranks first
+    assert retrieval_top1(fundus, 3 * fundus + 5) == 1.0
+    # a cyclic shift of the gallery: every query finds its neighbour's pair, none its own
+    assert retrieval_top1(fundus, 3 * np.roll(fundus, 1, axis=0) + 5) == 0.0
+    # 4 of 10 pairs swapped in two 2-cycles: 6 hits
+    swapped = fundus.copy()
+    swapped[[0, 1, 2, 3]] = fundus[[1, 0, 3, 2]]
+    assert retrieval_top1(fundus, swapped) == pytest.approx(0.6)
+    # constant embeddings carry no information: every candidate ties, exactly chance
+    assert retrieval_top1(np.ones((8, 4)), np.ones((8, 4))) == pytest.approx(1 / 8)
+
+
+def test_retrieval_top1_centering_removes_the_modality_offset():
+    rng = np.random.default_rng(1)
+    signal = rng.normal(size=(20, 8))
+    # each modality sits far from the origin, in a different direction: the offsets swamp the cosines
+    queries, gallery = signal + 100.0, signal + np.linspace(-50, 50, 8)
+    assert retrieval_top1(queries, gallery, center=True) == 1.0
+    assert retrieval_top1(queries, gallery, center=False) <= 0.1
+
+
+@pytest.mark.parametrize("queries, gallery, rule", [
+    (np.zeros((4, 3)), np.zeros((5, 3)), "same shape"),
+    (np.zeros(4), np.zeros(4), r"\(N, D\)"),
+    (np.zeros((1, 3)), np.zeros((1, 3)), "at least 2"),
+    (np.array([[np.nan, 0.0], [1.0, 1.0]]), np.zeros((2, 2)), "NaN"),
+])
+def test_retrieval_rejects_bad_input(queries, gallery, rule):
+    with pytest.raises(ValueError, match=rule):
+        retrieval_top1(queries, gallery)

@@ -11,7 +11,7 @@ import torch
 
 from mmrad.errors import DataError
 from mmrad.params import Params
-from mmrad.train import (batch_indices, build_model, load_finetuned, load_training_pairs, make_batch, map_loss,
+from mmrad.train import (batch_indices, build_model, load_finetuned, load_training_images, make_batch, map_loss,
                          train)
 from tests.conftest import tiny_params_dict
 
@@ -31,9 +31,10 @@ def test_batches_visit_every_case_once_per_epoch_and_are_reproducible():
 
 def test_make_batch_is_a_pure_function_of_seed_and_step(prepared_mmr):
     params = _params()
-    fundus, oct_, cases = load_training_pairs(prepared_mmr)
-    assert fundus.shape == oct_.shape == (len(cases), 64, 64, 3)
-    a, b = make_batch(fundus, oct_, 3, params), make_batch(fundus, oct_, 3, params)
+    images, cases = load_training_images(prepared_mmr)
+    assert list(images) == ["fundus", "oct"]
+    assert images["fundus"].shape == images["oct"].shape == (len(cases), 64, 64, 3)
+    a, b = make_batch(images, 3, params), make_batch(images, 3, params)
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the case label is "either modality has an anomaly" (Eq. 9)
     expected = torch.maximum(a["fundus_mask"].flatten(1).amax(1), a["oct_mask"].flatten(1).amax(1))
@@ -124,3 +125,17 @@ def test_configured_weights_are_loaded_and_identified(tmp_path):
     raw["weights"]["sam"]["sha256"] = "0" * 64
     with pytest.raises(DataError, match="sha256 mismatch"):
         build_model(Params.model_validate(raw))
+
+
+def test_single_modal_training_uses_the_localisation_loss_only(prepared_resc, tmp_path):
+    """Fig. 5b: an OCT-only dataset trains the same model on its one modality, without fusion."""
+    params = _params(steps=30, batch_size=2, lr=2e-3, checkpoint_every=30)
+    images, cases = load_training_images(prepared_resc)
+    assert list(images) == ["oct"] and len(cases) == 3
+    batch = make_batch(images, 0, params)
+    assert set(batch) == {"oct", "oct_mask", "label"}
+    metrics = train(params, prepared_resc, tmp_path / "m", tmp_path / "ckpt", progress=False)
+    assert metrics["modalities"] == ["oct"]
+    assert metrics["final_loss"] < 0.8 * metrics["first_loss"], metrics
+    header = (tmp_path / "m" / "loss.tsv").read_text().splitlines()[0]
+    assert header == "step\tloss\toct"
