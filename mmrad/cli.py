@@ -25,6 +25,8 @@ MMRAD pipeline stages (run them all with `dvc repro`):
   train          fine-tune MMRAD on healthy pairs with simulated anomalies
   evaluate       metrics, curves and overlays of MMRAD or a baseline on the test split
   report         the markdown report: our tables beside the paper's
+  register       log the run to MLflow (lineage, metrics, artifacts, model); register it as `challenger`
+  registry       promote / rollback / list the registered model versions (the ML-ops loop)
   contact-sheet  save a PNG grid of synthetic images with their lesion outlines
 
 Every stage reads params.yaml (see the comments there). Bad input stops the
@@ -96,8 +98,42 @@ def _cmd_report(args) -> None:
     roots = {name: source.root for name, source in params.datasets.items()}
     context = {"data": f"{params.train.dataset} from {roots[params.train.dataset]}",
                "weights": "yes" if trained.get("pretrained") else "none (random initialisation)"}
-    write_report(files, Path(args.out), context)
+    from mmrad.report import TRANSFER_ROWS
+
+    transfer = {key: Path(args.reports) / "transfer" / key / "metrics.json" for key in TRANSFER_ROWS}
+    write_report(files, Path(args.out), context, transfer)
     log.info("report -> %s", args.out)
+
+
+def _cmd_register(args) -> None:
+    from mmrad.params import load_params
+    from mmrad.tracking import log_and_register
+
+    record = log_and_register(load_params(args.params), model_dir=args.model_dir, reports=args.reports,
+                              out=args.out, params_file=args.params)
+    log.info("register: %s version %d (run %s) at %s", record["model_name"], record["version"],
+             record["run_id"], record["tracking_uri"])
+
+
+def _cmd_registry(args) -> int:
+    from mmrad import registry
+    from mmrad.params import load_params
+
+    params = load_params(args.params)
+    if args.action == "list":
+        print(registry.list_versions(params))
+        return 0
+    if args.action == "rollback":
+        old, new = registry.rollback(params)
+        print(f"champion: version {old} -> version {new}")
+        return 0
+    decision = registry.promote(params, dry_run=args.dry_run, force=args.force, reason=args.reason)
+    print(decision.table())
+    if decision.promoted:
+        print(f"champion -> version {decision.challenger}")
+    elif args.dry_run:
+        print("dry run: nothing changed")
+    return 0 if decision.passed or decision.promoted else 1
 
 
 def _cmd_contact_sheet(args) -> None:
@@ -159,6 +195,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports/report.md")
     p.set_defaults(func=_cmd_report)
 
+    p = sub.add_parser("register", help="log the run to MLflow and register the model as challenger",
+                       description="Open an MLflow run with params, per-step training loss, every evaluation "
+                                   "metric, artifacts (report, curves, overlays, dvc.lock) and lineage tags "
+                                   "(git commit, DVC data hashes, params hash, weights); log the model as an "
+                                   "MLflow pyfunc model and register it as a new version with alias 'challenger'. "
+                                   "Tracks to MLFLOW_TRACKING_URI, else the embedded sqlite store mlflow.db.")
+    p.add_argument("--model-dir", default="models/mmrad", help="trained model folder (default: %(default)s)")
+    p.add_argument("--reports", default="reports", help="evaluation outputs (default: %(default)s)")
+    p.add_argument("--out", default="models/registered.json", help="ids of the run and version (default: %(default)s)")
+    p.set_defaults(func=_cmd_register)
+
+    p = sub.add_parser("registry", help="promote, roll back or list registered model versions",
+                       description="promote: move 'champion' to 'challenger' if the gate in params.yaml "
+                                   "(tracking.gate) passes; exit status 1 when it fails. rollback: restore the "
+                                   "champion's predecessor. list: versions, aliases and gated metrics.")
+    p.add_argument("action", choices=["promote", "rollback", "list"])
+    p.add_argument("--dry-run", action="store_true", help="promote: print the comparison, change nothing")
+    p.add_argument("--force", action="store_true", help="promote: past a failed gate (needs --reason)")
+    p.add_argument("--reason", help="promote --force: why, recorded on the version with who and when")
+    p.set_defaults(func=_cmd_registry)
+
     p = sub.add_parser("contact-sheet", help="save a PNG grid of synthetic images",
                        description="Render a grid of synthetic fundus and OCT images, healthy and with "
                                    "each lesion kind outlined, to show what the default data looks like.")
@@ -171,12 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(name)s: %(message)s", stream=sys.stderr)
+    # explicit, for when the root logger was configured before us (a Prefect flow run)
+    logging.getLogger("mmrad").setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
-        args.func(args)
+        status = args.func(args)
     except DataError as exc:
         print(f"mmrad {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -112,6 +112,24 @@ class Baselines(_Strict):
     patchcore_coreset_ratio: float = Field(gt=0.0, le=1.0)
 
 
+class GateRule(_Strict):
+    min_gain: float = Field(ge=0.0, le=1.0)  # a gain of at least this counts as an improvement
+    max_regression: float = Field(ge=0.0, le=1.0)  # a loss of more than this fails the gate
+
+
+class Tracking(_Strict):
+    experiment: Annotated[str, Field(min_length=1)]
+    model_name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    gate: dict[str, GateRule]
+
+    @field_validator("gate")
+    @classmethod
+    def _some_metric(cls, value: dict[str, GateRule]) -> dict[str, GateRule]:
+        if not value:
+            raise ValueError("the promotion gate needs at least one metric")
+        return value
+
+
 class Params(_Strict):
     seed: Annotated[int, Field(ge=0)]
     synthetic: Synthetic
@@ -122,6 +140,7 @@ class Params(_Strict):
     simulation: Simulation
     train: Train
     baselines: Baselines
+    tracking: Tracking
 
     @field_validator("datasets")
     @classmethod

@@ -1,0 +1,145 @@
+"""The Prefect flows of the pipeline.
+
+* ``stage``: one ``mmrad`` subcommand as a flow run named after it (``train``,
+  ``evaluate``, ``report`` ...); what dvc.yaml runs for each stage. The
+  preprocessing, training, evaluation, transfer, report and register stages
+  are all this flow with their arguments, so the flows and the CLI cannot
+  drift apart: both parse with ``mmrad.cli.build_parser`` and call the same
+  library functions.
+* ``retrain``: the scheduled loop: bring the pipeline up to date with
+  ``dvc repro`` (which runs each stage as a ``stage`` flow run and registers
+  the new model as ``challenger``), then ``mmrad registry promote`` through the
+  gate. Deployed on a cron schedule by prefect.yaml.
+
+Artifacts attached to flow runs: the markdown report (``report``), a table
+of the evaluation metrics (``evaluate``), the training summary (``train``),
+the registered version (``register``) and the gate's comparison (``retrain``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from mmrad.cli import build_parser
+from mmrad.cli import main as mmrad_main
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, argv: list[str], status: int):
+        super().__init__(f"mmrad {' '.join(argv)} exited with status {status} (the error is in the log above)")
+        self.status = status
+
+
+@task(name="run-stage")
+def run_stage(argv: list[str]) -> int:
+    """The stage itself: the mmrad command, in this process (its logs reach the flow run)."""
+    status = mmrad_main(argv)
+    if status:
+        raise StageFailed(argv, status)
+    return status
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:60]
+
+
+@task(name="attach-artifacts", retries=2, retry_delay_seconds=5)
+def attach_artifacts(args) -> None:
+    """What a person wants to see of this stage in the Prefect UI (report, metrics table, registered version)."""
+    command = args.command
+    if command == "report" and Path(args.out).is_file():
+        create_markdown_artifact(Path(args.out).read_text(), key="mmrad-report", description="The evaluation report")
+    elif command == "evaluate":
+        out = Path(args.out or f"reports/{args.method}")
+        result = json.loads((out / "metrics.json").read_text())
+        rows = [{"metric": f"{m}.{k}", "value": v} for m, values in result.get("localisation", {}).items()
+                for k, v in values.items()]
+        rows += [{"metric": f"detection.{k}", "value": v} for k, v in result.get("detection", {}).items()]
+        create_table_artifact(rows, key=_slug(f"metrics-{out}"), description=f"{args.method} on {result['dataset']}")
+    elif command == "train":
+        summary = json.loads((Path(args.out) / "metrics.json").read_text())
+        create_table_artifact([{"key": k, "value": str(v)} for k, v in summary.items()],
+                              key=_slug(f"training-{args.out}"), description="Training summary")
+    elif command == "register":
+        record = json.loads(Path(args.out).read_text())
+        create_markdown_artifact(f"Registered **{record['model_name']}** version **{record['version']}** as "
+                                 f"`challenger` (run `{record['run_id']}`, tracking `{record['tracking_uri']}`).",
+                                 key="mmrad-registered")
+
+
+@flow(name="stage", flow_run_name="{name}", log_prints=True)
+def stage(name: str, argv: list[str]) -> int:
+    """One pipeline stage called ``name``: ``argv`` are the arguments of ``mmrad`` (without the program name)."""
+    args = build_parser().parse_args(argv)
+    get_run_logger().info("mmrad %s", " ".join(argv))
+    # register talks to the tracking server: retry a transient failure (a failed attempt's run stays FAILED)
+    runner = run_stage.with_options(retries=2, retry_delay_seconds=10) if args.command == "register" else run_stage
+    runner(argv)
+    attach_artifacts(args)
+    return 0
+
+
+@task(name="dvc-repro")
+def dvc_repro(project: str) -> int:
+    """Bring everything up to date; each stage runs as its own ``stage`` flow run.
+
+    The stages report to this flow's API (the team server, or the temporary
+    local one this run started), so they start no server of their own.
+    """
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        env = {**os.environ, "PREFECT_API_URL": str(client.api_url).rstrip("/")}
+    # dvc's output streams through (progress stays visible); each stage's log is also in its own flow run
+    done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=project, env=env)
+    if done.returncode:
+        raise RuntimeError(f"dvc repro failed with status {done.returncode} (its output is above; the failed "
+                           "stage's flow run has the details)")
+    return done.returncode
+
+
+@task(name="promote", retries=2, retry_delay_seconds=10)
+def promote_challenger(params_file: str, dry_run: bool):
+    from mmrad import registry
+    from mmrad.params import load_params
+
+    decision = registry.promote(load_params(params_file), dry_run=dry_run)
+    create_markdown_artifact(f"```\n{decision.table()}\n```", key="mmrad-promotion",
+                             description="Challenger vs champion on the gated metrics")
+    get_run_logger().info("\n%s", decision.table())
+    return {"promoted": decision.promoted, "passed": decision.passed, "reason": decision.reason,
+            "challenger": decision.challenger, "champion": decision.champion}
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(project: str = ".", params_file: str = "params.yaml", promote: bool = True) -> dict:
+    """The scheduled loop: ``dvc repro`` (train, evaluate, transfer, register), then the promotion gate."""
+    project = str(Path(project).resolve())
+    dvc_repro(project)
+    os.chdir(project)  # the registry's embedded store lives in the project
+    return promote_challenger(params_file, dry_run=not promote)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flows <mmrad stage args>``: run the stage as a flow (MMRAD_ORCHESTRATION=off: plainly)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if os.environ.get("MMRAD_ORCHESTRATION", "on").lower() in ("off", "0", "false", "no"):
+        return mmrad_main(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        build_parser().print_help()
+        return 0
+    args = build_parser().parse_args(argv)  # bad arguments: argparse's message and status 2, before any flow
+    name = " ".join([args.command] + [getattr(args, k) for k in ("dataset", "method", "action")
+                                      if isinstance(getattr(args, k, None), str)])
+    state = stage(name, argv, return_state=True)
+    if state.is_completed():
+        return 0
+    exc = state.result(raise_on_failure=False)
+    return exc.status if isinstance(exc, StageFailed) else 1
