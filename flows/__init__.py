@@ -15,6 +15,9 @@ an API).
 import os
 
 # Before Prefect reads its settings: the library's own log records go to the
-# flow run's log, and a machine without internet does not try to send telemetry.
+# flow run's log; a machine without internet does not try to send telemetry;
+# and the temporary API gets time to create its database on a fresh machine
+# (Prefect's default 20 s is too short for the first migration on a busy 2-core box).
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mmrad")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
