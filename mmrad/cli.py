@@ -87,7 +87,7 @@ def _cmd_report(args) -> None:
     import json
 
     from mmrad.params import load_params
-    from mmrad.report import write_report
+    from mmrad.report import TRANSFER_ROWS, write_report
 
     params = load_params(args.params)
     files = {m: Path(args.reports) / m / "metrics.json" for m in ("mmrad", "padim", "patchcore")}
@@ -98,8 +98,6 @@ def _cmd_report(args) -> None:
     roots = {name: source.root for name, source in params.datasets.items()}
     context = {"data": f"{params.train.dataset} from {roots[params.train.dataset]}",
                "weights": "yes" if trained.get("pretrained") else "none (random initialisation)"}
-    from mmrad.report import TRANSFER_ROWS
-
     transfer = {key: Path(args.reports) / "transfer" / key / "metrics.json" for key in TRANSFER_ROWS}
     write_report(files, Path(args.out), context, transfer)
     log.info("report -> %s", args.out)

@@ -106,7 +106,7 @@ def evaluate_gate(challenger: dict[str, float], champion: dict[str, float] | Non
     return True, rows, f"improves {gains}, no regression beyond tolerance"
 
 
-def _client(params) -> MlflowClient:
+def _client() -> MlflowClient:
     use_tracking()
     return MlflowClient()
 
@@ -135,7 +135,7 @@ def promote(params, dry_run: bool = False, force: bool = False, reason: str | No
     if force and not (reason and reason.strip()):
         raise DataError("--reason", "a forced promotion needs a reason")
     name = params.tracking.model_name
-    client = _client(params)
+    client = _client()
     challenger = _version(client, name, CHALLENGER)
     if challenger is None:
         raise DataError(f"models:/{name}@{CHALLENGER}", "no challenger to promote (run the register stage first)")
@@ -167,7 +167,7 @@ def promote(params, dry_run: bool = False, force: bool = False, reason: str | No
 def rollback(params, user: str | None = None) -> tuple[str, str]:
     """Give ``champion`` back to the version it replaced; returns (from version, to version)."""
     name = params.tracking.model_name
-    client = _client(params)
+    client = _client()
     champion = _version(client, name, CHAMPION)
     if champion is None:
         raise DataError(f"models:/{name}@{CHAMPION}", "there is no champion to roll back")
@@ -187,7 +187,7 @@ def rollback(params, user: str | None = None) -> tuple[str, str]:
 def list_versions(params, keys: tuple[str, ...] | None = None) -> str:
     """A table of the registered versions: aliases, run, key metrics, promotion tags."""
     name = params.tracking.model_name
-    client = _client(params)
+    client = _client()
     keys = keys or tuple(params.tracking.gate)
     versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version), reverse=True)
     if not versions:

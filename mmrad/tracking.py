@@ -164,8 +164,9 @@ def evaluation_metrics(result: dict, prefix: str = "") -> dict[str, float]:
     return flat
 
 
-def collect_metrics(reports: Path, train_dir: Path) -> dict[str, float]:
-    """Everything the pipeline measured, as flat MLflow metrics (missing optional files are skipped)."""
+def collect_metrics(reports: Path, trained: dict) -> dict[str, float]:
+    """Everything the pipeline measured, as flat MLflow metrics (``trained``: the train stage's metrics.json;
+    missing optional files are skipped)."""
     def read(path: Path) -> dict:
         return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -177,7 +178,6 @@ def collect_metrics(reports: Path, train_dir: Path) -> dict[str, float]:
         flat.update(evaluation_metrics(read(reports / baseline / "metrics.json"), f"{baseline}."))
     for path in sorted((reports / "transfer").glob("*/metrics.json")):
         flat.update(evaluation_metrics(read(path), f"transfer.{path.parent.name}."))
-    trained = read(train_dir / "metrics.json")
     for key in ("final_loss", "seconds", "steps"):
         if isinstance(trained.get(key), (int, float)):
             flat[f"train.{key}"] = float(trained[key])
@@ -284,8 +284,8 @@ def log_and_register(params, project: str | Path = ".", model_dir: str | Path = 
     model_file = model_dir / "model.pt"
     if not model_file.is_file():
         raise DataError(model_file, "trained model is missing (run the train stage first)")
-    metrics = collect_metrics(reports, model_dir)
     trained = json.loads((model_dir / "metrics.json").read_text()) if (model_dir / "metrics.json").is_file() else {}
+    metrics = collect_metrics(reports, trained)
     uri = use_tracking(project)
     experiment_id = ensure_experiment(params.tracking.experiment, project)
     client = MlflowClient()

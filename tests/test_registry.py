@@ -19,7 +19,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from mmrad import registry
+from mmrad import metrics, registry
 from mmrad.errors import DataError
 from mmrad.evaluate import load_split, run_mmrad
 from mmrad.params import GateRule, Params
@@ -206,7 +206,6 @@ def test_register_logs_lineage_metrics_and_a_loadable_model(trained_tiny, prepar
     out = model.predict({m: test.images[m] for m in ("fundus", "oct")})
     assert set(out) == {"score", "fundus_map", "oct_map"}
     assert out["fundus_map"].shape == test.images["fundus"].shape[:3]
-    from mmrad import metrics
     assert round(metrics.detection_auroc(out["score"], test.labels), 4) == evaluation["detection"]["fusion"]
     signature = model.metadata.get_input_schema()
     assert signature.input_names() == ["fundus", "oct"]

@@ -167,6 +167,13 @@ def _blob(dx, dy, radius: float, aspect: float, angle: float, harmonics: np.ndar
     return _smoothstep(1.0 + softness, 1.0 - softness, d)
 
 
+def _crop_mask(shape: tuple[int, int], sl, alpha: np.ndarray) -> np.ndarray:
+    """A full-size lesion mask: where the crop sl's alpha is above one half."""
+    mask = np.zeros(shape, bool)
+    mask[sl] = alpha > 0.5
+    return mask
+
+
 def _dots(shape: tuple[int, int], dots: np.ndarray, edge: float = 0.7):
     """Alpha of sharp round dots, rows (x, y, r); returns (slices, alpha) of their bounding crop."""
     pad = float(dots[:, 2].max()) + 2.0
@@ -747,9 +754,7 @@ def _whitening(scene: _Scene, rng, area: float) -> np.ndarray:
     cloud = _upsampled_noise(rng, (14, 14), alpha.shape)
     strength = alpha * opacity * (0.85 + 0.12 * cloud)
     _paint(scene.base, sl, strength, (0.86, 0.82, 0.78))
-    mask = np.zeros(scene.shape, bool)
-    mask[sl] = alpha > 0.5
-    return mask
+    return _crop_mask(scene.shape, sl, alpha)
 
 
 def _cherry_red(scene: _Scene, rng, area: float) -> np.ndarray:
@@ -760,9 +765,7 @@ def _cherry_red(scene: _Scene, rng, area: float) -> np.ndarray:
     sl, dx, dy = win
     alpha = _blob(dx, dy, rad, rng.uniform(1.0, 1.15), rng.uniform(0, np.pi), _harmonics(rng, 3, 0.1), 0.3)
     _paint(scene.img, sl, alpha * 0.9, (0.50, 0.05, 0.05))
-    mask = np.zeros(scene.shape, bool)
-    mask[sl] = alpha > 0.5
-    return mask
+    return _crop_mask(scene.shape, sl, alpha)
 
 
 def _arc_length(pts: np.ndarray) -> np.ndarray:
@@ -1098,8 +1101,7 @@ def _embolus(scene: _Scene, rng, area: float) -> np.ndarray:
     glint = _blob(dx + np.float32(0.2 * across), dy + np.float32(0.2 * across),
                   0.5 * math.sqrt(along * across), aspect, angle, np.zeros((0, 2)), 0.5)
     _paint(scene.img, sl, glint * 0.7, (1.0, 1.0, 0.92))
-    mask = np.zeros(scene.shape, bool)
-    mask[sl] = alpha > 0.5
+    mask = _crop_mask(scene.shape, sl, alpha)
     if not mask.any():
         mask[int(round(y)), int(round(x))] = True
     return mask & scene.fov
@@ -1175,9 +1177,7 @@ def _hard_exudate(scene: _Scene, rng, area: float) -> np.ndarray:
             got += math.pi * r2 * r2
     sl, alpha = _dots(scene.shape, np.array(dots))
     _paint(scene.img, sl, alpha * 0.95, (0.98, 0.90, 0.48))
-    mask = np.zeros(scene.shape, bool)
-    mask[sl] = alpha > 0.5
-    return mask & scene.fov
+    return _crop_mask(scene.shape, sl, alpha) & scene.fov
 
 
 def _microaneurysm(scene: _Scene, rng, area: float) -> np.ndarray:
@@ -1192,9 +1192,7 @@ def _microaneurysm(scene: _Scene, rng, area: float) -> np.ndarray:
         got += math.pi * r * r
     sl, alpha = _dots(scene.shape, np.array(dots))
     _paint(scene.img, sl, alpha * 0.9, (0.40, 0.03, 0.03))
-    mask = np.zeros(scene.shape, bool)
-    mask[sl] = alpha > 0.5
-    return mask & scene.fov
+    return _crop_mask(scene.shape, sl, alpha) & scene.fov
 
 
 # kind -> (compositing stage, painter(scene, rng, target area) -> mask)
