@@ -27,6 +27,7 @@ MMRAD pipeline stages (run them all with `dvc repro`):
   report         the markdown report: our tables beside the paper's
   register       log the run to MLflow (lineage, metrics, artifacts, model); register it as `challenger`
   registry       promote / rollback / list the registered model versions (the ML-ops loop)
+  predict        score fundus / OCT image files with a trained or registered model: overlays + scores
   contact-sheet  save a PNG grid of synthetic images with their lesion outlines
 
 Every stage reads params.yaml (see the comments there). Bad input stops the
@@ -134,6 +135,28 @@ def _cmd_registry(args) -> int:
     return 0 if decision.passed or decision.promoted else 1
 
 
+def _cmd_predict(args) -> None:
+    from mmrad.predict import Case, find_cases, load_model, predict_files
+
+    if args.folder and (args.fundus or args.oct):
+        raise DataError("--folder", "give either --folder or --fundus / --oct, not both")
+    if args.folder:
+        cases = find_cases(args.folder)
+    elif args.fundus or args.oct:
+        paths = {m: Path(p) for m, p in (("fundus", args.fundus), ("oct", args.oct)) if p}
+        cases = [Case(args.case_id or next(iter(paths.values())).stem, paths)]
+    else:
+        raise DataError("mmrad predict", "nothing to score", "give --fundus and/or --oct, or --folder")
+    started = time.perf_counter()
+    model, params = load_model(args.model, args.params)
+    records = predict_files(model, params, cases, args.out, batch_size=args.batch_size, overlays=not args.no_overlays)
+    for record in records[:20]:
+        print(f"{record['case_id']}\t{record['modalities']}\tscore {record['score']:.4f}")
+    if len(records) > 20:
+        print(f"... {len(records) - 20} more in {args.out}/scores.json")
+    log.info("predict: %d case(s) in %.1f s -> %s", len(records), time.perf_counter() - started, args.out)
+
+
 def _cmd_contact_sheet(args) -> None:
     from mmrad.params import load_params
     from mmrad.viz import contact_sheet
@@ -213,6 +236,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="promote: past a failed gate (needs --reason)")
     p.add_argument("--reason", help="promote --force: why, recorded on the version with who and when")
     p.set_defaults(func=_cmd_registry)
+
+    p = sub.add_parser("predict", help="score fundus / OCT images with a trained or registered model",
+                       description="Score one case (--fundus and/or --oct) or a folder of cases "
+                                   "(<case>_fundus.<ext> / <case>_oct.<ext>, or <case>/fundus.<ext> + "
+                                   "<case>/oct.<ext>). Images are resized as the prepare stage does. Writes "
+                                   "scores.json, scores.parquet and overlays/<case>.png under --out. The score is "
+                                   "the fusion token's anomaly probability for a pair, the single-modal one else.")
+    p.add_argument("--model", default="models/mmrad",
+                   help="training output folder / model.pt (rebuilt with --params), or an MLflow model: "
+                        "models:/NAME@ALIAS, runs:/ID/model (default: %(default)s)")
+    p.add_argument("--fundus", help="fundus photograph of one case")
+    p.add_argument("--oct", help="OCT B-scan of one case")
+    p.add_argument("--case-id", help="name of that case in the outputs (default: the file's stem)")
+    p.add_argument("--folder", help="folder of cases")
+    p.add_argument("--out", default="predictions", help="output folder (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="cases per forward pass (default: %(default)s)")
+    p.add_argument("--no-overlays", action="store_true", help="scores only, no PNGs")
+    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("contact-sheet", help="save a PNG grid of synthetic images",
                        description="Render a grid of synthetic fundus and OCT images, healthy and with "

@@ -186,38 +186,49 @@ def save_overlays(test: SplitData, predictions: Predictions, folder: Path, count
     top = {m: float(np.percentile(predictions.maps[m], 99.9)) or 1.0 for m in modalities}
     paths = []
     for i in chosen:
-        fig, axes = plt.subplots(1, 2 * len(modalities), figsize=(4.2 * len(modalities) * 2, 4.4), dpi=90)
-        for j, m in enumerate(modalities):
-            image, gt, amap = test.images[m][i], test.masks[m][i] > 0, predictions.maps[m][i]
-            axes[2 * j].imshow(image)
-            if gt.any():
-                axes[2 * j].contour(gt.astype(float), levels=[0.5], colors=["#00e5ff"], linewidths=0.8)
-            axes[2 * j].set_title(f"{m}: image, truth (cyan)", fontsize=9)
-            axes[2 * j + 1].imshow(image)
-            shown = axes[2 * j + 1].imshow(amap, cmap="jet", alpha=0.45, vmin=0, vmax=top[m])
-            if gt.any():
-                axes[2 * j + 1].contour(gt.astype(float), levels=[0.5], colors=["white"], linewidths=0.6)
-            score = predictions.scores.get(f"{m}_only", [np.nan] * len(test.labels))[i]
-            axes[2 * j + 1].set_title(f"{m}: anomaly map (image score {score:.2f})", fontsize=9)
-            fig.colorbar(shown, ax=axes[2 * j + 1], fraction=0.046)
-        for ax in axes:
-            ax.axis("off")
         main = predictions.scores.get("fusion", predictions.scores.get("max"))
         title = f"{test.case_ids[i]}: {'anomalous' if test.labels[i] else 'normal'} case"
         if main is not None:
             title += f", case score {main[i]:.2f}"
-        fig.suptitle(title, fontsize=10)
-        fig.tight_layout()
-        path = folder / f"{test.case_ids[i]}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(plot_case(
+            folder / f"{test.case_ids[i]}.png", title,
+            images={m: test.images[m][i] for m in modalities}, maps={m: predictions.maps[m][i] for m in modalities},
+            vmax=top, scores={m: predictions.scores.get(f"{m}_only", [np.nan] * len(test.labels))[i]
+                              for m in modalities},
+            truths={m: test.masks[m][i] > 0 for m in modalities}))
     return paths
+
+
+def plot_case(path: Path, title: str, images: dict, maps: dict, vmax: dict, scores: dict,
+              truths: dict | None = None) -> Path:
+    """One case as a PNG: per modality the image (with the truth outline when known) and its anomaly map."""
+    modalities = list(maps)
+    fig, axes = plt.subplots(1, 2 * len(modalities), figsize=(4.2 * len(modalities) * 2, 4.4), dpi=90)
+    for j, m in enumerate(modalities):
+        image, amap = images[m], maps[m]
+        gt = truths[m] if truths is not None else None
+        axes[2 * j].imshow(image)
+        if gt is not None and gt.any():
+            axes[2 * j].contour(gt.astype(float), levels=[0.5], colors=["#00e5ff"], linewidths=0.8)
+        axes[2 * j].set_title(f"{m}: image, truth (cyan)" if truths is not None else f"{m}: image", fontsize=9)
+        axes[2 * j + 1].imshow(image)
+        shown = axes[2 * j + 1].imshow(amap, cmap="jet", alpha=0.45, vmin=0, vmax=vmax[m])
+        if gt is not None and gt.any():
+            axes[2 * j + 1].contour(gt.astype(float), levels=[0.5], colors=["white"], linewidths=0.6)
+        axes[2 * j + 1].set_title(f"{m}: anomaly map (image score {scores[m]:.2f})", fontsize=9)
+        fig.colorbar(shown, ax=axes[2 * j + 1], fraction=0.046)
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def write_outputs(out: str | Path, result: dict, curves: dict, test: SplitData, predictions: Predictions,
                   overlays: int = 8) -> None:
-    """metrics.json, plots/*.csv and overlays/*.png under ``out``, atomically."""
+    """metrics.json, scores.csv (per case), plots/*.csv and overlays/*.png under ``out``, atomically."""
     with atomic_dir(out) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         (tmp / "plots").mkdir()
@@ -226,6 +237,11 @@ def write_outputs(out: str | Path, result: dict, curves: dict, test: SplitData, 
             rows = zip(*(np.asarray(columns[k], dtype=float) for k in keys))
             lines = [",".join(keys)] + [",".join(f"{v:.6g}" for v in row) for row in rows]
             (tmp / "plots" / f"{name}.csv").write_text("\n".join(lines) + "\n")
+        keys = list(predictions.scores)
+        lines = [",".join(["case_id", "label", *keys])] + [
+            ",".join([case, str(int(test.labels[i])), *(f"{predictions.scores[k][i]:.8g}" for k in keys)])
+            for i, case in enumerate(test.case_ids)]
+        (tmp / "scores.csv").write_text("\n".join(lines) + "\n")
         (tmp / "overlays").mkdir()
         save_overlays(test, predictions, tmp / "overlays", overlays)
 

@@ -77,9 +77,17 @@ def resize_masks(masks: dict[int, np.ndarray], resolution: int, min_coverage: fl
     return bits
 
 
+# How each modality is decoded: fundus photographs in colour, OCT B-scans as grey levels.
+READ_MODE = {symptoms.FUNDUS: "RGB", symptoms.OCT: "L"}
+
+
+def resize_for_model(image: np.ndarray, resolution: int) -> Image.Image:
+    """The model's view of a decoded image: bicubic to resolution x resolution (the cache, and `mmrad predict`)."""
+    return Image.fromarray(image).resize((resolution, resolution), Image.Resampling.BICUBIC)
+
+
 def _prepare_sample(sample: Sample, root: Path, out: Path, resolution: int) -> dict:
-    mode = "RGB" if sample.modality == symptoms.FUNDUS else "L"
-    image = read_image(sample.image, mode=mode)
+    image = read_image(sample.image, mode=READ_MODE[sample.modality])
     height, width = image.shape[:2]
     masks = LAYOUTS[sample.dataset].load_masks(sample, height, width, root)
     masks = {c: m for c, m in masks.items() if m.any()}
@@ -87,8 +95,7 @@ def _prepare_sample(sample: Sample, root: Path, out: Path, resolution: int) -> d
     stem = f"{sample.case_id}_{sample.modality}.png"
     cache_image = Path("images") / sample.split / stem
     (out / cache_image).parent.mkdir(parents=True, exist_ok=True)
-    small = Image.fromarray(image).resize((resolution, resolution), Image.Resampling.BICUBIC)
-    small.save(out / cache_image)
+    resize_for_model(image, resolution).save(out / cache_image)
 
     bits = resize_masks(masks, resolution)
     cache_mask = None

@@ -226,9 +226,15 @@ class MMRADModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None):
         import torch
+        from mlflow.exceptions import MlflowException
 
-        given = {m: model_input[m] for m in ("fundus", "oct") if m in model_input}
-        batch = {m: torch.from_numpy(np.asarray(v, dtype=np.float32)).permute(0, 3, 1, 2) for m, v in given.items()}
+        from mmrad.predict import check_model_input
+
+        try:  # a bad request is the client's error (HTTP 400 with the reason), never a server error
+            given = check_model_input(dict(model_input), self.params.prepare.resolution)
+        except ValueError as exc:
+            raise MlflowException.invalid_parameter_value(str(exc)) from exc
+        batch = {m: torch.from_numpy(v.astype(np.float32)).permute(0, 3, 1, 2) for m, v in given.items()}
         with torch.inference_mode():
             out = self.model(**batch)
         result = {"score": torch.sigmoid(out["score"]).numpy().astype(np.float32)}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -75,6 +77,34 @@ def trained_tiny(prepared_mmr, tmp_path_factory, tiny_params) -> tuple[Params, P
     out = tmp_path_factory.mktemp("model")
     train(tiny_params, prepared_mmr, out, out / "ckpt", progress=False)
     return tiny_params, out
+
+
+@pytest.fixture(scope="session")
+def registered_tiny(trained_tiny, prepared_mmr, tmp_path_factory) -> SimpleNamespace:
+    """The tiny model evaluated (reports/mmrad) and registered as `challenger` in a sqlite MLflow store.
+
+    Fields: params, root, uri (the store), record (registered.json), evaluation (metrics), reports.
+    Tests that read the store set MLFLOW_TRACKING_URI=uri themselves (monkeypatch).
+    """
+    from mmrad.evaluate import run_mmrad
+    from mmrad.tracking import log_and_register
+
+    params, model_dir = trained_tiny
+    root = tmp_path_factory.mktemp("registered")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    reports = root / "reports"
+    evaluation = run_mmrad(params, model_dir / "model.pt", prepared_mmr, reports / "mmrad")
+    (root / "data" / "prepared").mkdir(parents=True)
+    os.symlink(prepared_mmr, root / "data" / "prepared" / "mmr")
+    (root / "dvc.lock").write_text(yaml.safe_dump(
+        {"schema": "2.0", "stages": {"prepare@mmr": {"outs": [{"path": "data/prepared/mmr", "md5": "abc123.dir"}]}}}))
+    params_file = root / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        record = log_and_register(params, project=root, model_dir=model_dir, reports=reports,
+                                  out=root / "registered.json", params_file=params_file)
+    return SimpleNamespace(params=params, root=root, uri=uri, record=record, evaluation=evaluation, reports=reports)
 
 
 @pytest.fixture

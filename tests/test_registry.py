@@ -21,9 +21,9 @@ from mlflow import MlflowClient
 
 from mmrad import metrics, registry
 from mmrad.errors import DataError
-from mmrad.evaluate import load_split, run_mmrad
+from mmrad.evaluate import load_split
 from mmrad.params import GateRule, Params
-from mmrad.tracking import CHALLENGER, CHAMPION, log_and_register, params_hash
+from mmrad.tracking import CHALLENGER, CHAMPION, params_hash, use_tracking
 from tests.conftest import PROJECT, tiny_params_dict
 
 GATE = {"detection.fusion": GateRule(min_gain=0.01, max_regression=0.02),
@@ -171,22 +171,12 @@ def test_cli_promote_exit_status_and_table(store):
 
 # --------------------------------------------------------------------------- the register stage, end to end
 
-def test_register_logs_lineage_metrics_and_a_loadable_model(trained_tiny, prepared_mmr, tmp_path, monkeypatch):
-    params, model_dir = trained_tiny
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_register_logs_lineage_metrics_and_a_loadable_model(registered_tiny, prepared_mmr, monkeypatch):
+    params, uri, record, evaluation = (registered_tiny.params, registered_tiny.uri, registered_tiny.record,
+                                       registered_tiny.evaluation)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    reports = tmp_path / "reports"
-    evaluation = run_mmrad(params, model_dir / "model.pt", prepared_mmr, reports / "mmrad")
-    (tmp_path / "data" / "prepared").mkdir(parents=True)
-    os.symlink(prepared_mmr, tmp_path / "data" / "prepared" / "mmr")
-    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(
-        {"schema": "2.0", "stages": {"prepare@mmr": {"outs": [{"path": "data/prepared/mmr", "md5": "abc123.dir"}]}}}))
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
-
-    record = log_and_register(params, project=tmp_path, model_dir=model_dir, reports=reports,
-                              out=tmp_path / "registered.json", params_file=params_file)
-    assert json.loads((tmp_path / "registered.json").read_text()) == record
+    use_tracking()  # the store was filled by the session fixture, maybe before another test pointed MLflow elsewhere
+    assert json.loads((registered_tiny.root / "registered.json").read_text()) == record
     client = MlflowClient(uri, uri)
     run = client.get_run(record["run_id"])
     assert run.data.params["train.steps"] == str(params.train.steps) and run.data.params["model.encoder"] == "vit_tiny"
