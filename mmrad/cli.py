@@ -63,11 +63,19 @@ def _cmd_prepare(args) -> None:
         log.info("prepare %s: done in %.1f s -> %s", name, time.perf_counter() - started, out)
 
 
-def _cmd_train(args) -> None:
+def _cmd_train(args) -> int | None:
+    import subprocess
+
+    from mmrad import distributed
     from mmrad.params import load_params
     from mmrad.train import train
 
     params = load_params(args.params)
+    if params.train.processes > 1 and not distributed.under_launcher():
+        # N data-parallel processes: torchrun starts N copies of this very command
+        command = distributed.launch_command(params.train.processes, args.argv)
+        log.info("train: %d processes: %s", params.train.processes, " ".join(command))
+        return subprocess.run(command).returncode
     prepared = args.prepared or f"data/prepared/{params.train.dataset}"
     train(params, prepared, args.out, args.checkpoints, resume=args.resume, stop_after=args.stop_after)
 
@@ -265,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(name)s: %(message)s", stream=sys.stderr)
     # explicit, for when the root logger was configured before us (a Prefect flow run)

@@ -105,6 +105,7 @@ class Train(_Strict):
     checkpoint_every: Count
     device: Literal["auto", "cpu", "cuda"]
     threads: Annotated[int, Field(ge=0)]
+    processes: Count = 1  # data-parallel processes (DDP); > 1 starts torchrun (mmrad.distributed)
 
 
 class Baselines(_Strict):

@@ -30,6 +30,7 @@ from PIL import Image
 from torchvision.ops import sigmoid_focal_loss
 from tqdm import tqdm
 
+from mmrad import distributed
 from mmrad import weights as weight_files
 from mmrad.errors import DataError
 from mmrad.io import atomic_write_text
@@ -124,13 +125,20 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
     return chunk
 
 
-def make_batch(images: dict[str, np.ndarray], step: int, params: Params) -> dict[str, torch.Tensor]:
-    """Images, simulated masks and case labels of one step (a pure function of seed and step)."""
+def make_batch(images: dict[str, np.ndarray], step: int, params: Params,
+               positions: range | None = None) -> dict[str, torch.Tensor]:
+    """Images, simulated masks and case labels of one step (a pure function of seed and step).
+
+    ``positions``: the part of the step's global batch to build (a training
+    process's shard); case j is the same case with the same anomaly whichever
+    process builds it.
+    """
     config = SimulationConfig(probability=params.simulation.probability, transforms=params.simulation.transforms)
     n = len(next(iter(images.values())))
     idx = batch_indices(n, params.train.batch_size, step, params.seed)
     batch: dict[str, list] = {key: [] for m in images for key in (m, f"{m}_mask")}
-    for j, case in enumerate(idx):
+    for j in positions if positions is not None else range(len(idx)):
+        case = idx[j]
         for modality, stack in images.items():
             k = (FUNDUS, OCT).index(modality)  # the stream of a modality is the same paired or alone
             rng = np.random.default_rng([params.seed, 2, step, j, k])
@@ -174,6 +182,7 @@ def losses(out: dict, batch: dict, kind: str) -> dict[str, torch.Tensor]:
 def params_hash(params: Params) -> str:
     """What a checkpoint must match to be resumed: everything that shapes the run."""
     relevant = {k: params.model_dump(mode="json")[k] for k in ("seed", "model", "weights", "simulation", "train")}
+    relevant["train"].pop("processes")  # the same run on 1 or N processes (mmrad.distributed)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -196,19 +205,28 @@ def train(params: Params, prepared: str | Path, out: str | Path, checkpoint_dir:
     ``checkpoint_dir`` holds the resumable ``checkpoint.pt`` (every
     ``train.checkpoint_every`` steps). ``stop_after`` ends early after that
     many steps (for tests and for splitting a long run), leaving a checkpoint.
+    Launched by torchrun as one of N processes, it trains data-parallel
+    (mmrad.distributed); only rank 0 writes files.
     """
     t = params.train
     if t.threads:
         torch.set_num_threads(t.threads)
-    device = resolve_device(t.device)
+    context, device = distributed.start(resolve_device(t.device))
+    positions = distributed.shard(t.batch_size, context)
     out, checkpoint_dir = Path(out), Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     images, case_ids = load_training_images(prepared)
     model, identity = build_model(params)
     model.to(device).train()
     counts = model.parameter_counts()
-    log.info("training on %s: %d healthy cases (%s), trainable %s / frozen %s parameters", device, len(case_ids),
-             " + ".join(images), f"{counts['trainable']:,}", f"{counts['frozen']:,}")
+    log.info("training on %s%s: %d healthy cases (%s), trainable %s / frozen %s parameters", device,
+             f" x {context.world} processes" if context.active else "", len(case_ids), " + ".join(images),
+             f"{counts['trainable']:,}", f"{counts['frozen']:,}")
+    net = model
+    if context.active:  # gradients all-reduced across processes; a single-modal model has no fusion head in use
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False,
+            find_unused_parameters=len(images) == 1)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(trainable, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
 
@@ -230,19 +248,20 @@ def train(params: Params, prepared: str | Path, out: str | Path, checkpoint_dir:
     end = t.steps if stop_after is None else min(t.steps, start + stop_after)
     started = time.perf_counter()
     bar = tqdm(range(start, end), initial=start, total=t.steps, desc="train", unit="step",
-               disable=None if progress is None else not progress)
+               disable=not context.is_main or (None if progress is None else not progress))
     for step in bar:
-        batch = {k: v.to(device) for k, v in make_batch(images, step, params).items()}
+        batch = {k: v.to(device) for k, v in make_batch(images, step, params, positions).items()}
         with autocast:
-            out_ = model(**{m: batch[m] for m in images})
+            out_ = net(**{m: batch[m] for m in images})
         parts = losses(out_, batch, t.loss)
         optimiser.zero_grad(set_to_none=True)
         parts["loss"].backward()
         optimiser.step()
-        record = {"step": step + 1, **{k: round(float(v.detach()), 6) for k, v in parts.items()}}
+        values = distributed.mean_across({k: float(v.detach()) for k, v in parts.items()}, context)
+        record = {"step": step + 1, **{k: round(v, 6) for k, v in values.items()}}
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
-        if (step + 1) % t.checkpoint_every == 0 or step + 1 == end:
+        if context.is_main and ((step + 1) % t.checkpoint_every == 0 or step + 1 == end):
             _save_atomic({"step": step + 1, "trainable": model.trainable_state_dict(),
                           "optimizer": optimiser.state_dict(), "history": history,
                           "params_hash": params_hash(params)}, checkpoint_path)
@@ -250,7 +269,11 @@ def train(params: Params, prepared: str | Path, out: str | Path, checkpoint_dir:
     seconds = time.perf_counter() - started
     if end < t.steps:
         log.info("stopped after step %d of %d; resume with --resume", end, t.steps)
+        distributed.stop(context)
         return {"step": end, "finished": False}
+    if not context.is_main:
+        distributed.stop(context)
+        return {"step": end, "finished": True, "rank": context.rank}
 
     out.mkdir(parents=True, exist_ok=True)
     _save_atomic({"format": MODEL_FORMAT, "config": dataclasses.asdict(model.config),
@@ -259,7 +282,8 @@ def train(params: Params, prepared: str | Path, out: str | Path, checkpoint_dir:
                  out / MODEL_FILE)
     window = min(10, len(history))
     metrics = {
-        "steps": t.steps, "device": device.type, "seconds": round(seconds, 1), "modalities": list(images),
+        "steps": t.steps, "device": device.type, "processes": context.world, "seconds": round(seconds, 1),
+        "modalities": list(images),
         "first_loss": round(float(np.mean([h["loss"] for h in history[:window]])), 5),
         "final_loss": round(float(np.mean([h["loss"] for h in history[-window:]])), 5),
         "trainable_parameters": counts["trainable"], "frozen_parameters": counts["frozen"],
@@ -272,6 +296,7 @@ def train(params: Params, prepared: str | Path, out: str | Path, checkpoint_dir:
     atomic_write_text(out / "loss.tsv", "\n".join(lines) + "\n")
     log.info("trained %d steps in %.1f s: loss %.4f -> %.4f", t.steps, seconds, metrics["first_loss"],
              metrics["final_loss"])
+    distributed.stop(context)
     return metrics
 
 
