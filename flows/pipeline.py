@@ -24,7 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from mmrad.cli import build_parser
@@ -74,14 +75,70 @@ def attach_artifacts(args) -> None:
                                  key="mmrad-registered")
 
 
+PREPARE_CHUNK = 16  # images per Prefect task: enough work to dwarf a task run's bookkeeping
+
+
+@task(name="prepare-images", cache_policy=NO_CACHE, retries=1)
+def prepare_images(fn, items: list) -> list[dict]:
+    """A chunk of the prepare stage's per-image work (decode, validate, resize, cache), on a Dask worker."""
+    from distributed import get_worker
+
+    get_run_logger().info("%d images on Dask worker %s", len(items), get_worker().address)
+    return [fn(item) for item in items]
+
+
+def _dask_mapping(fn, items: list):
+    """prepare's mapper: Prefect task mapping over chunks, run by the flow's Dask task runner, results in order."""
+    chunks = [items[i:i + PREPARE_CHUNK] for i in range(0, len(items), PREPARE_CHUNK)]
+    for future in prepare_images.map(unmapped(fn), chunks):
+        yield from future.result()
+
+
+def dask_runner(params):
+    """A local Dask cluster of prepare.workers processes, or the scheduler at MMRAD_DASK_ADDRESS / prepare.dask_address."""
+    import logging
+
+    from prefect.client.orchestration import get_client
+    from prefect_dask import DaskTaskRunner
+
+    # Dask's worker processes report their task runs to this flow's API (not to temporary servers of their own)
+    with get_client(sync_client=True) as client:
+        os.environ["PREFECT_API_URL"] = str(client.api_url).rstrip("/")
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # the cluster's start/stop chatter
+    address = os.environ.get("MMRAD_DASK_ADDRESS") or params.prepare.dask_address
+    if address:
+        return DaskTaskRunner(address=address)
+    # workers import the stage's code as they start (with the cluster), not inside the first mapped task
+    return DaskTaskRunner(cluster_kwargs={"n_workers": params.prepare.workers, "threads_per_worker": 1,
+                                          "processes": True, "dashboard_address": None,
+                                          "preload": ["flows.pipeline"]})
+
+
+@flow(name="prepare-on-dask", flow_run_name="prepare-images")
+def prepare_on_dask(argv: list[str]) -> int:
+    """The prepare stage with its per-image work mapped over Dask workers (the same library code)."""
+    from mmrad.prepare import mapping_with
+
+    with mapping_with(_dask_mapping):
+        status = mmrad_main(argv)
+    if status:
+        raise StageFailed(argv, status)
+    return status
+
+
 @flow(name="stage", flow_run_name="{name}", log_prints=True)
 def stage(name: str, argv: list[str]) -> int:
     """One pipeline stage called ``name``: ``argv`` are the arguments of ``mmrad`` (without the program name)."""
     args = build_parser().parse_args(argv)
     get_run_logger().info("mmrad %s", " ".join(argv))
     # register talks to the tracking server: retry a transient failure (a failed attempt's run stays FAILED)
-    runner = run_stage.with_options(retries=2, retry_delay_seconds=10) if args.command == "register" else run_stage
-    runner(argv)
+    if args.command == "prepare":
+        from mmrad.params import load_params
+
+        prepare_on_dask.with_options(task_runner=dask_runner(load_params(args.params)))(argv)
+    else:
+        runner = run_stage.with_options(retries=2, retry_delay_seconds=10) if args.command == "register" else run_stage
+        runner(argv)
     attach_artifacts(args)
     return 0
 

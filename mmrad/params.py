@@ -66,6 +66,7 @@ class DatasetSource(_Strict):
 class Prepare(_Strict):
     resolution: Annotated[int, Field(ge=32, le=4096, multiple_of=16)]
     workers: Count
+    dask_address: str | None = None  # a Dask scheduler (tcp://host:8786); None: a local cluster of `workers`
 
 
 class Model(_Strict):

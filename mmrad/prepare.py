@@ -24,7 +24,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +121,34 @@ def _prepare_star(args) -> dict:
     return _prepare_sample(*args)
 
 
+# How the per-image work is spread: mapper(fn, items) yields fn(item) for every item, in order.
+Mapper = Callable[[Callable, list], Iterator]
+
+
+def process_pool(workers: int) -> Mapper:
+    """The built-in mapper: a local process pool (``prepare.workers``), or a plain loop for one worker."""
+    def run(fn, items):
+        if workers <= 1:
+            yield from map(fn, items)
+            return
+        with ProcessPoolExecutor(workers) as pool:
+            yield from pool.map(fn, items, chunksize=8)
+    return run
+
+
+_MAPPER: ContextVar[Mapper | None] = ContextVar("mmrad_prepare_mapper", default=None)
+
+
+@contextmanager
+def mapping_with(mapper: Mapper):
+    """Run prepare_dataset's per-image work through ``mapper`` (the Prefect flow's Dask task mapping)."""
+    token = _MAPPER.set(mapper)
+    try:
+        yield
+    finally:
+        _MAPPER.reset(token)
+
+
 def summarise(rows: list[dict]) -> dict:
     """Case and image counts per split (a paired case has one row per modality)."""
     summary: dict = {"images": len(rows), "splits": {}}
@@ -146,15 +177,9 @@ def prepare_dataset(name: str, root: str | Path, out: str | Path, resolution: in
         work = [(s, root, tmp, resolution) for s in samples]
         bar = tqdm(total=len(work), desc=f"prepare {name}", unit="img", disable=None if progress is None else not progress)
         rows = []
-        if workers > 1:
-            with ProcessPoolExecutor(workers) as pool:
-                for row in pool.map(_prepare_star, work, chunksize=8):
-                    rows.append(row)
-                    bar.update()
-        else:
-            for item in work:
-                rows.append(_prepare_star(item))
-                bar.update()
+        for row in (_MAPPER.get() or process_pool(workers))(_prepare_star, work):
+            rows.append(row)
+            bar.update()
         bar.close()
         rows.sort(key=lambda r: (r["split"], r["case_id"], r["modality"]))
         pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), tmp / "manifest.parquet")

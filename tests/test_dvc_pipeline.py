@@ -95,8 +95,8 @@ def test_repro_builds_every_stage_and_a_second_repro_does_nothing(built):
 
     # every stage was a Prefect flow run, inside the retrain flow run, with its artifacts
     recorded = _prefect_runs(root, env)
-    assert {"generate", "prepare mmr", "train", "evaluate mmrad", "evaluate padim", "report", "register"} \
-        <= set(recorded["runs"]), recorded
+    assert {"generate", "prepare mmr", "prepare-images", "train", "evaluate mmrad", "evaluate padim", "report",
+            "register"} <= set(recorded["runs"]), recorded
     assert set(recorded["runs"].values()) == {"COMPLETED"}
     assert {"mmrad-report", "mmrad-registered", "mmrad-promotion"} <= set(recorded["artifacts"])
     # MLflow: one tracked run, registered as version 1; the gate made it champion (there was none)

@@ -1,0 +1,84 @@
+"""Benchmark: the prepare stage's per-image work on a local Dask cluster, 2 workers vs 1, side by side.
+
+Runs the real stage command ``python -m flows prepare <dataset>`` (a Prefect
+flow run whose per-image work is Prefect task mapping on a Dask task runner)
+with ``prepare.workers`` = 1 and 2, alternating, ``--repeats`` times each, on
+the already generated default data, and prints medians and the ratio:
+
+* mapped work: the time prepare_dataset itself logs ("done in X s": scanning,
+  the mapped decode / validate / resize / cache work, the manifest), with the
+  Dask cluster already up;
+* whole command: process start to exit, including Prefect's temporary API and
+  the cluster's start and stop.
+
+    .venv/bin/python bench/prepare_dask.py [--dataset mmr] [--repeats 3]
+
+Target (issue 6): at least 1.6x with 2 workers vs 1 on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def run(params_file: Path, dataset: str, out: Path) -> tuple[float, float]:
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "flows", "--params", str(params_file), "prepare", dataset,
+                           "--out", str(out)], cwd=PROJECT, capture_output=True, text=True)
+    whole = time.perf_counter() - started
+    if done.returncode:
+        sys.exit(f"prepare failed:\n{done.stderr[-3000:]}")
+    inner = re.search(r"prepare \w+: done in ([0-9.]+) s", done.stderr)
+    return float(inner.group(1)), whole
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="mmr")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    root = Path(raw["datasets"][args.dataset]["root"])
+    if not (PROJECT / root).is_dir():
+        sys.exit(f"{root} is missing: run `dvc repro generate` first")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        files = {}
+        for workers in (1, 2):
+            raw["prepare"]["workers"] = workers
+            files[workers] = tmp / f"params-{workers}.yaml"
+            files[workers].write_text(yaml.safe_dump(raw))
+            # relative dataset roots resolve against the project (the command runs there)
+        results: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
+        for repeat in range(args.repeats):
+            for workers in (1, 2):
+                results[workers].append(run(files[workers], args.dataset, tmp / f"out-{workers}"))
+                inner, whole = results[workers][-1]
+                print(f"repeat {repeat + 1}, {workers} worker(s): mapped work {inner:.1f} s, whole command {whole:.1f} s",
+                      flush=True)
+        images = len(list((tmp / "out-1" / "images").rglob("*.png")))
+    print(f"\nprepare {args.dataset} ({images} images, resolution {raw['prepare']['resolution']}), "
+          f"median of {args.repeats}:")
+    inner = {w: statistics.median(r[0] for r in results[w]) for w in (1, 2)}
+    whole = {w: statistics.median(r[1] for r in results[w]) for w in (1, 2)}
+    print("| | 1 worker | 2 workers | speed-up |")
+    print("|---|---|---|---|")
+    print(f"| mapped work | {inner[1]:.1f} s | {inner[2]:.1f} s | {inner[1] / inner[2]:.2f}x |")
+    print(f"| whole command | {whole[1]:.1f} s | {whole[2]:.1f} s | {whole[1] / whole[2]:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
