@@ -11,7 +11,12 @@ the already generated default data, and prints medians and the ratio:
 * whole command: process start to exit, including Prefect's temporary API and
   the cluster's start and stop.
 
-    .venv/bin/python bench/prepare_dask.py [--dataset mmr] [--repeats 3]
+    .venv/bin/python bench/prepare_dask.py [--repeats 3] [--scale 2]
+
+``--scale S`` first generates the synthetic MMR with S times the default image
+sides (the default is a quarter of the real fundus side and half the real OCT
+side; S = 2 gives real-size OCT B-scans) into a temporary folder, so the
+per-image work has the weight real data gives it.
 
 Target (issue 6): at least 1.6x with 2 workers vs 1 on a 2-core machine.
 """
@@ -47,15 +52,24 @@ def run(params_file: Path, dataset: str, out: Path) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="mmr")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--scale", type=int, default=1, help="image sides x S (generated into a temporary folder)")
     args = parser.parse_args()
+    args.dataset = "mmr"
     raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
     root = Path(raw["datasets"][args.dataset]["root"])
-    if not (PROJECT / root).is_dir():
-        sys.exit(f"{root} is missing: run `dvc repro generate` first")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        if args.scale != 1:
+            mmr = raw["synthetic"]["mmr"]
+            mmr["fundus_size"] = [v * args.scale for v in mmr["fundus_size"]]
+            mmr["oct_size"] = [v * args.scale for v in mmr["oct_size"]]
+            (tmp / "generate.yaml").write_text(yaml.safe_dump(raw))
+            subprocess.run([sys.executable, "-m", "mmrad", "-q", "--params", str(tmp / "generate.yaml"), "generate",
+                            "--out", str(tmp / "raw")], cwd=PROJECT, check=True)
+            raw["datasets"]["mmr"]["root"] = str(tmp / "raw" / "MMR")
+        elif not (PROJECT / root).is_dir():
+            sys.exit(f"{root} is missing: run `dvc repro generate` first")
         files = {}
         for workers in (1, 2):
             raw["prepare"]["workers"] = workers
@@ -70,7 +84,8 @@ def main() -> None:
                 print(f"repeat {repeat + 1}, {workers} worker(s): mapped work {inner:.1f} s, whole command {whole:.1f} s",
                       flush=True)
         images = len(list((tmp / "out-1" / "images").rglob("*.png")))
-    print(f"\nprepare {args.dataset} ({images} images, resolution {raw['prepare']['resolution']}), "
+    sizes = f"fundus {raw['synthetic']['mmr']['fundus_size']}, OCT {raw['synthetic']['mmr']['oct_size']}"
+    print(f"\nprepare {args.dataset} ({images} images: {sizes} -> {raw['prepare']['resolution']}), "
           f"median of {args.repeats}:")
     inner = {w: statistics.median(r[0] for r in results[w]) for w in (1, 2)}
     whole = {w: statistics.median(r[1] for r in results[w]) for w in (1, 2)}

@@ -147,6 +147,10 @@ def stage(name: str, argv: list[str]) -> int:
 def dvc_repro(project: str) -> int:
     """Bring everything up to date; each stage runs as its own ``stage`` flow run.
 
+    With a DVC remote configured, ``dvc repro --pull`` first fetches outputs
+    others already pushed (a fresh worker need not recompute them) and
+    ``dvc push`` afterwards shares this run's.
+
     The stages report to this flow's API (the team server, or the temporary
     local one this run started), so they start no server of their own.
     """
@@ -154,11 +158,18 @@ def dvc_repro(project: str) -> int:
 
     with get_client(sync_client=True) as client:
         env = {**os.environ, "PREFECT_API_URL": str(client.api_url).rstrip("/")}
+    dvc = [sys.executable, "-m", "dvc"]
+    # with a DVC remote (the team's object store): start from what others pushed, share what this run made
+    remote = subprocess.run([*dvc, "remote", "list"], cwd=project, capture_output=True, text=True).stdout.strip()
     # dvc's output streams through (progress stays visible); each stage's log is also in its own flow run
-    done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=project, env=env)
+    done = subprocess.run([*dvc, "repro", *(["--pull"] if remote else [])], cwd=project, env=env)
     if done.returncode:
         raise RuntimeError(f"dvc repro failed with status {done.returncode} (its output is above; the failed "
                            "stage's flow run has the details)")
+    if remote:
+        pushed = subprocess.run([*dvc, "push"], cwd=project, env=env)
+        if pushed.returncode:
+            raise RuntimeError(f"dvc push to the remote failed with status {pushed.returncode} (output above)")
     return done.returncode
 
 

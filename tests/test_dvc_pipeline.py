@@ -57,6 +57,9 @@ def _make_repo(root: Path) -> tuple[Path, dict, str]:
 def built(tmp_path_factory):
     """The tiny pipeline, run once for the module by the retrain flow: (root, env, dvc, log)."""
     root, env, dvc = _make_repo(tmp_path_factory.mktemp("dvc") / "project")
+    # a DVC remote (a folder standing in for the team's object store): the retrain flow pushes to it
+    _run([dvc, "remote", "add", "-q", "-d", "team", str(root.parent / "remote")], root, env)
+    _run(["git", "commit", "-qam", "DVC remote"], root, env)
     script = "import json; from flows.pipeline import retrain; print('RESULT', json.dumps(retrain('.')))"
     return root, env, dvc, _run([sys.executable, "-c", script], root, env)
 
@@ -113,6 +116,7 @@ def test_repro_builds_every_stage_and_a_second_repro_does_nothing(built):
     assert "detection.fusion" in run.data.metrics and "transfer.mmr_to_idrid.fundus.pixel_auroc" in run.data.metrics
 
     assert "Data and pipelines are up to date" in _run([dvc, "status"], root, env)
+    assert "are in sync" in _run([dvc, "status", "--cloud"], root, env)  # the flow pushed everything
     shown = _run([dvc, "metrics", "show"], root, env)
     assert "localisation.fundus.aupro" in shown and "final_loss" in shown
     _run([dvc, "plots", "show", "-o", str(root / "plots_html")], root, env)
