@@ -19,6 +19,7 @@ the registered version (``register``) and the gate's comparison (``retrain``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -75,7 +76,7 @@ def attach_artifacts(args) -> None:
                                  key="mmrad-registered")
 
 
-PREPARE_CHUNK = 16  # images per Prefect task: enough work to dwarf a task run's bookkeeping
+TASKS_PER_WORKER = 4  # chunks per Dask worker: balanced, and few enough that a task run's bookkeeping (~0.2 s) is small
 
 
 @task(name="prepare-images", cache_policy=NO_CACHE, retries=1)
@@ -87,11 +88,14 @@ def prepare_images(fn, items: list) -> list[dict]:
     return [fn(item) for item in items]
 
 
-def _dask_mapping(fn, items: list):
+def dask_mapping(workers: int):
     """prepare's mapper: Prefect task mapping over chunks, run by the flow's Dask task runner, results in order."""
-    chunks = [items[i:i + PREPARE_CHUNK] for i in range(0, len(items), PREPARE_CHUNK)]
-    for future in prepare_images.map(unmapped(fn), chunks):
-        yield from future.result()
+    def run(fn, items: list):
+        size = max(1, math.ceil(len(items) / (workers * TASKS_PER_WORKER)))
+        chunks = [items[i:i + size] for i in range(0, len(items), size)]
+        for future in prepare_images.map(unmapped(fn), chunks):
+            yield from future.result()
+    return run
 
 
 def dask_runner(params):
@@ -111,15 +115,15 @@ def dask_runner(params):
     # workers import the stage's code as they start (with the cluster), not inside the first mapped task
     return DaskTaskRunner(cluster_kwargs={"n_workers": params.prepare.workers, "threads_per_worker": 1,
                                           "processes": True, "dashboard_address": None,
-                                          "preload": ["flows.pipeline"]})
+                                          "preload": ["flows.dask_preload"]})
 
 
 @flow(name="prepare-on-dask", flow_run_name="prepare-images")
-def prepare_on_dask(argv: list[str]) -> int:
+def prepare_on_dask(argv: list[str], workers: int) -> int:
     """The prepare stage with its per-image work mapped over Dask workers (the same library code)."""
     from mmrad.prepare import mapping_with
 
-    with mapping_with(_dask_mapping):
+    with mapping_with(dask_mapping(workers)):
         status = mmrad_main(argv)
     if status:
         raise StageFailed(argv, status)
@@ -135,7 +139,8 @@ def stage(name: str, argv: list[str]) -> int:
     if args.command == "prepare":
         from mmrad.params import load_params
 
-        prepare_on_dask.with_options(task_runner=dask_runner(load_params(args.params)))(argv)
+        params = load_params(args.params)
+        prepare_on_dask.with_options(task_runner=dask_runner(params))(argv, params.prepare.workers)
     else:
         runner = run_stage.with_options(retries=2, retry_delay_seconds=10) if args.command == "register" else run_stage
         runner(argv)
