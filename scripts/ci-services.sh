@@ -2,7 +2,7 @@
 # The services the real-server tests need, installed idempotently: PostgreSQL's
 # binaries (Debian's postgresql package), for tests/test_servers_postgres.py.
 #
-# It installs only and starts nothing: the tests' fixture (tests/postgres.py)
+# It installs only and starts nothing: the tests' fixture (tests/servers.py)
 # initdb's its own throwaway cluster in a temporary folder, runs it on a free
 # port of 127.0.0.1 (as the `postgres` user when run as root) and stops it
 # afterwards. So that the package starts no cluster of its own either, the
@@ -12,7 +12,7 @@
 # (and fail under CI=true). Re-running it once installed takes no time.
 set -euo pipefail
 
-have_postgres() {  # the same places tests/postgres.py looks: PATH, then /usr/lib/postgresql/*/bin
+have_postgres() {  # the same places tests/servers.py looks: PATH, then /usr/lib/postgresql/*/bin
   local found dir
   if found=$(command -v pg_ctl 2>/dev/null); then
     dir=$(dirname "$(readlink -f "$found")")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from mmrad.cli import main
 from mmrad.errors import DataError
 from mmrad.prepare import read_manifest
 from mmrad.predict import check_model_input, find_cases, load_image, load_model, predict_files
+from tests.servers import free_port
 
 
 def _evaluate_scores(registered) -> dict[str, dict[str, float]]:
@@ -163,12 +163,6 @@ def test_the_input_rule_accepts_a_pair():
 
 # --------------------------------------------------------------------------- the REST endpoint, for real
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body, content_type: str = "application/json") -> tuple[int, dict | str]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type})
@@ -186,7 +180,7 @@ def _post(url: str, body, content_type: str = "application/json") -> tuple[int, 
 @pytest.fixture(scope="module")
 def served(registered_tiny, tmp_path_factory):
     """`mlflow models serve -m models:/mmrad@challenger` on 127.0.0.1 (the project's venv, no new env)."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": registered_tiny.uri,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     log = tmp_path_factory.mktemp("serve") / "serve.log"

@@ -25,6 +25,7 @@ from mmrad.evaluate import load_split
 from mmrad.params import GateRule, Params
 from mmrad.tracking import CHALLENGER, CHAMPION, params_hash, use_tracking
 from tests.conftest import PROJECT, tiny_params_dict
+from tests.servers import mlflow_server
 
 GATE = {"detection.fusion": GateRule(min_gain=0.01, max_regression=0.02),
         "fundus.pixel_auroc": GateRule(min_gain=0.01, max_regression=0.02)}
@@ -205,29 +206,8 @@ def test_register_logs_lineage_metrics_and_a_loadable_model(registered_tiny, pre
 @pytest.mark.slow
 def test_promotion_against_a_real_mlflow_server(tmp_path, monkeypatch):
     """The same loop through a real `mlflow server` process on 127.0.0.1 (REST store, not the database)."""
-    import socket
-    import time
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(120):
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(1)
-        else:
-            pytest.fail(f"mlflow server did not start: {server.stderr.read() if server.poll() is not None else ''}")
-        params, _, add_version, client = _open_store(url, tmp_path, monkeypatch)
+    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-artifacts") as server:
+        params, _, add_version, client = _open_store(server.url, tmp_path, monkeypatch)
         v1 = add_version(0.80, 0.90)
         assert registry.promote(params, user="ops").promoted
         add_version(0.70, 0.90)
@@ -237,6 +217,3 @@ def test_promotion_against_a_real_mlflow_server(tmp_path, monkeypatch):
         assert str(client.get_model_version_by_alias("mmrad-test", CHAMPION).version) == v3
         assert registry.rollback(params) == (v3, v1)
         assert str(client.get_model_version_by_alias("mmrad-test", CHAMPION).version) == v1
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

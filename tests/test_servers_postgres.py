@@ -12,7 +12,7 @@ promotes it, and loads the champion back through the artifact proxy.
 
 Both tests share one database and one server (module fixture) and keep apart
 by model and experiment names: "mmrad-test"/"test" and the tiny params' own.
-PostgreSQL comes from ``scripts/ci-services.sh`` (see tests/postgres.py):
+PostgreSQL comes from ``scripts/ci-services.sh`` (see tests/servers.py):
 without it these tests skip, or fail under CI=true.
 """
 
@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from mmrad import registry
 from mmrad.evaluate import load_split, run_mmrad
 from mmrad.tracking import CHALLENGER, CHAMPION, flatten, log_and_register
-from tests.postgres import libpq_dsn, mlflow_server, postgres_url  # noqa: F401 (a fixture)
+from tests.servers import libpq_dsn, mlflow_server, postgres_url  # noqa: F401 (a fixture)
 from tests.test_registry import GATE, _champion, _open_store
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ The binaries come from $MMRAD_PG_BINDIR if set, else PATH or Debian's
 Without them the tests that use the fixture are skipped, except under
 ``CI=true``, where they fail: CI must not pass by skipping.
 
-Use it from a test module with ``from tests.postgres import postgres_url  # noqa: F401``.
+Use it from a test module with ``from tests.servers import postgres_url  # noqa: F401``.
 """
 
 from __future__ import annotations
