@@ -98,16 +98,22 @@ def dask_mapping(workers: int):
     return run
 
 
+def _api_url() -> str:
+    """This flow run's Prefect API (the team server, or the temporary one this process started)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return str(client.api_url).rstrip("/")
+
+
 def dask_runner(params):
     """A local Dask cluster of prepare.workers processes, or the scheduler at MMRAD_DASK_ADDRESS / prepare.dask_address."""
     import logging
 
-    from prefect.client.orchestration import get_client
     from prefect_dask import DaskTaskRunner
 
     # Dask's worker processes report their task runs to this flow's API (not to temporary servers of their own)
-    with get_client(sync_client=True) as client:
-        os.environ["PREFECT_API_URL"] = str(client.api_url).rstrip("/")
+    os.environ["PREFECT_API_URL"] = _api_url()
     logging.getLogger("distributed").setLevel(logging.WARNING)  # the cluster's start/stop chatter
     address = os.environ.get("MMRAD_DASK_ADDRESS") or params.prepare.dask_address
     if address:
@@ -159,10 +165,7 @@ def dvc_repro(project: str) -> int:
     The stages report to this flow's API (the team server, or the temporary
     local one this run started), so they start no server of their own.
     """
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        env = {**os.environ, "PREFECT_API_URL": str(client.api_url).rstrip("/")}
+    env = {**os.environ, "PREFECT_API_URL": _api_url()}
     dvc = [sys.executable, "-m", "dvc"]
     # with a DVC remote (the team's object store): start from what others pushed, share what this run made
     remote = subprocess.run([*dvc, "remote", "list"], cwd=project, capture_output=True, text=True).stdout.strip()
