@@ -22,7 +22,7 @@ import time
 import numpy as np
 from scipy import ndimage
 
-from mmrad.metrics import aupro, pixel_auroc, pro_curve
+from mmrad.evaluation.metrics import aupro, pixel_auroc, pro_curve
 
 TARGET_S = 2.0
 

@@ -25,7 +25,7 @@ import torch
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from mmrad.predict import find_cases, load_model, predict_files  # noqa: E402
+from mmrad.ops.predict import find_cases, load_model, predict_files  # noqa: E402
 
 
 def main() -> None:

@@ -23,13 +23,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mmrad.model import MMRAD, ModelConfig
-from mmrad.params import load_params
-from mmrad.train import losses
+from mmrad.core.params import load_params
+from mmrad.models.builder import model_config
+from mmrad.models.mmrad import MMRAD
+from mmrad.training.train import losses
 
 
 def make_inputs(b: int, size: int, device) -> dict:
@@ -82,7 +84,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--flops", action="store_true", help="count FLOPs on the meta device instead of timing")
     args = parser.parse_args()
-    config = ModelConfig(encoder=args.encoder, image_size=args.image_size, cnn=args.cnn)
+    # params.yaml's model section, with the encoder, size and CNN of this measurement
+    config = replace(model_config(load_params("params.yaml")), encoder=args.encoder, image_size=args.image_size,
+                     cnn=args.cnn)
 
     if args.flops:
         with torch.device("meta"):

@@ -7,4 +7,4 @@ import prefect.client.orchestration  # noqa: F401
 import prefect.task_engine  # noqa: F401
 
 import flows.pipeline  # noqa: F401
-import mmrad.prepare  # noqa: F401
+import mmrad.data.prepare  # noqa: F401

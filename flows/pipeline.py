@@ -19,6 +19,7 @@ the registered version (``register``) and the gate's comparison (``retrain``).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -26,11 +27,14 @@ import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
 
 from mmrad.cli import build_parser
 from mmrad.cli import main as mmrad_main
+from mmrad.core.params import load_params
+from mmrad.data.prepare import mapping_with
 
 
 class StageFailed(RuntimeError):
@@ -82,7 +86,7 @@ TASKS_PER_WORKER = 4  # chunks per Dask worker: balanced, and few enough that a 
 @task(name="prepare-images", cache_policy=NO_CACHE, retries=1)
 def prepare_images(fn, items: list) -> list[dict]:
     """A chunk of the prepare stage's per-image work (decode, validate, resize, cache), on a Dask worker."""
-    from distributed import get_worker
+    from distributed import get_worker  # noqa: PLC0415 (Dask: only the prepare flow needs it, seconds to import)
 
     get_run_logger().info("%d images on Dask worker %s", len(items), get_worker().address)
     return [fn(item) for item in items]
@@ -100,17 +104,13 @@ def dask_mapping(workers: int):
 
 def _api_url() -> str:
     """This flow run's Prefect API (the team server, or the temporary one this process started)."""
-    from prefect.client.orchestration import get_client
-
     with get_client(sync_client=True) as client:
         return str(client.api_url).rstrip("/")
 
 
 def dask_runner(params):
     """A local Dask cluster of prepare.workers processes, or the scheduler at MMRAD_DASK_ADDRESS / prepare.dask_address."""
-    import logging
-
-    from prefect_dask import DaskTaskRunner
+    from prefect_dask import DaskTaskRunner  # noqa: PLC0415 (Dask: only the prepare flow needs it, seconds to import)
 
     # Dask's worker processes report their task runs to this flow's API (not to temporary servers of their own)
     os.environ["PREFECT_API_URL"] = _api_url()
@@ -127,8 +127,6 @@ def dask_runner(params):
 @flow(name="prepare-on-dask", flow_run_name="prepare-images")
 def prepare_on_dask(argv: list[str], workers: int) -> int:
     """The prepare stage with its per-image work mapped over Dask workers (the same library code)."""
-    from mmrad.prepare import mapping_with
-
     with mapping_with(dask_mapping(workers)):
         status = mmrad_main(argv)
     if status:
@@ -143,8 +141,6 @@ def stage(name: str, argv: list[str]) -> int:
     get_run_logger().info("mmrad %s", " ".join(argv))
     # register talks to the tracking server: retry a transient failure (a failed attempt's run stays FAILED)
     if args.command == "prepare":
-        from mmrad.params import load_params
-
         params = load_params(args.params)
         prepare_on_dask.with_options(task_runner=dask_runner(params))(argv, params.prepare.workers)
     else:
@@ -183,8 +179,7 @@ def dvc_repro(project: str) -> int:
 
 @task(name="promote", retries=2, retry_delay_seconds=10)
 def promote_challenger(params_file: str, dry_run: bool):
-    from mmrad import registry
-    from mmrad.params import load_params
+    from mmrad.ops import registry  # noqa: PLC0415 (MLflow: only the retrain flow needs it, seconds to import)
 
     decision = registry.promote(load_params(params_file), dry_run=dry_run)
     create_markdown_artifact(f"```\n{decision.table()}\n```", key="mmrad-promotion",

@@ -3,17 +3,26 @@
 dvc.yaml and the Prefect flows call the same library functions these
 subcommands call; the CLI only parses arguments, sets up logging and turns a
 ``DataError`` into a one-line message and exit status 2.
+
+Each ``_cmd_*`` imports the library module it runs when it runs, not at the
+top: the stages pull in torch, MLflow or albumentations (seconds each), and
+``mmrad --help`` or a bad argument must answer at once. These are the
+package's only function-level imports of its own modules.
+(tests/system/test_dvc_deps.py reads them to find each stage's code.)
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from mmrad.errors import DataError
+from mmrad.core.errors import DataError
+from mmrad.core.params import load_params
+from mmrad.evaluation.methods import MAIN, METHODS
 
 log = logging.getLogger("mmrad")
 
@@ -37,8 +46,7 @@ partial output behind.
 
 
 def _cmd_generate(args) -> None:
-    from mmrad.params import load_params
-    from mmrad.synthetic import generate
+    from mmrad.synthetic.generate import generate
 
     started = time.perf_counter()
     counts = generate(load_params(args.params), args.out)
@@ -46,8 +54,7 @@ def _cmd_generate(args) -> None:
 
 
 def _cmd_prepare(args) -> None:
-    from mmrad.params import load_params
-    from mmrad.prepare import prepare_dataset
+    from mmrad.data.prepare import prepare_dataset
 
     params = load_params(args.params)
     names = list(params.datasets) if args.dataset == "all" else [args.dataset]
@@ -64,11 +71,8 @@ def _cmd_prepare(args) -> None:
 
 
 def _cmd_train(args) -> int | None:
-    import subprocess
-
-    from mmrad import distributed
-    from mmrad.params import load_params
-    from mmrad.train import train
+    from mmrad.training import distributed
+    from mmrad.training.train import train
 
     params = load_params(args.params)
     if params.train.processes > 1 and not distributed.under_launcher():
@@ -81,40 +85,23 @@ def _cmd_train(args) -> int | None:
 
 
 def _cmd_evaluate(args) -> None:
-    from mmrad.evaluate import run_baseline, run_mmrad
-    from mmrad.params import load_params
+    from mmrad.evaluation.evaluate import run_evaluation
 
     params = load_params(args.params)
     prepared = args.prepared or f"data/prepared/{params.train.dataset}"
-    if args.method == "mmrad":
-        run_mmrad(params, args.model, prepared, args.out or "reports/mmrad")
-    else:
-        run_baseline(params, args.method, prepared, args.out or f"reports/{args.method}")
+    model = args.model if METHODS[args.method].trained else None
+    run_evaluation(params, args.method, prepared, args.out or f"reports/{args.method}", model_path=model)
 
 
 def _cmd_report(args) -> None:
-    import json
+    from mmrad.evaluation.report import write_report
 
-    from mmrad.params import load_params
-    from mmrad.report import TRANSFER_ROWS, write_report
-
-    params = load_params(args.params)
-    files = {m: Path(args.reports) / m / "metrics.json" for m in ("mmrad", "padim", "patchcore")}
-    missing = [str(p) for p in files.values() if not p.is_file()]
-    if missing:
-        raise DataError(missing[0], "metrics file is missing (run the evaluate stages first)")
-    trained = json.loads(Path(args.train_metrics).read_text()) if Path(args.train_metrics).is_file() else {}
-    roots = {name: source.root for name, source in params.datasets.items()}
-    context = {"data": f"{params.train.dataset} from {roots[params.train.dataset]}",
-               "weights": "yes" if trained.get("pretrained") else "none (random initialisation)"}
-    transfer = {key: Path(args.reports) / "transfer" / key / "metrics.json" for key in TRANSFER_ROWS}
-    write_report(files, Path(args.out), context, transfer)
+    write_report(load_params(args.params), args.reports, args.train_metrics, args.out)
     log.info("report -> %s", args.out)
 
 
 def _cmd_register(args) -> None:
-    from mmrad.params import load_params
-    from mmrad.tracking import log_and_register
+    from mmrad.ops.tracking import log_and_register
 
     record = log_and_register(load_params(args.params), model_dir=args.model_dir, reports=args.reports,
                               out=args.out, params_file=args.params)
@@ -123,8 +110,7 @@ def _cmd_register(args) -> None:
 
 
 def _cmd_registry(args) -> int:
-    from mmrad import registry
-    from mmrad.params import load_params
+    from mmrad.ops import registry
 
     params = load_params(args.params)
     if args.action == "list":
@@ -144,7 +130,7 @@ def _cmd_registry(args) -> int:
 
 
 def _cmd_predict(args) -> None:
-    from mmrad.predict import Case, find_cases, load_model, predict_files
+    from mmrad.ops.predict import Case, find_cases, load_model, predict_files
 
     if args.folder and (args.fundus or args.oct):
         raise DataError("--folder", "give either --folder or --fundus / --oct, not both")
@@ -166,8 +152,7 @@ def _cmd_predict(args) -> None:
 
 
 def _cmd_contact_sheet(args) -> None:
-    from mmrad.params import load_params
-    from mmrad.viz import contact_sheet
+    from mmrad.synthetic.contact_sheet import contact_sheet
 
     contact_sheet(load_params(args.params), args.out)
     log.info("contact sheet -> %s", args.out)
@@ -210,8 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="evaluate MMRAD or a baseline on the prepared test split",
                        description="Pixel AUROC and AU-PRO per modality, detection AUROC of every case score, "
                                    "per-symptom results, ROC/PRO curves (CSV) and overlay PNGs. "
-                                   "Baselines (padim, patchcore) are fitted on the healthy training split first.")
-    p.add_argument("method", choices=["mmrad", "padim", "patchcore"])
+                                   f"Baselines ({', '.join(n for n in METHODS if n != MAIN)}) are fitted on the healthy "
+                                   "training split first.")
+    p.add_argument("method", choices=list(METHODS))
     p.add_argument("--model", default="models/mmrad/model.pt", help="MMRAD model file (default: %(default)s)")
     p.add_argument("--prepared", help="prepared dataset folder (default: data/prepared/<train.dataset>)")
     p.add_argument("--out", help="output folder (default: reports/<method>)")

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from mmrad.params import Params
+from mmrad.core.params import Params
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def tiny_params() -> Params:
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory, tiny_params) -> Path:
     """A generated synthetic dataset (MMR/, IDRiD/, RESC/); read-only for tests."""
-    from mmrad.synthetic import generate
+    from mmrad.synthetic.generate import generate
 
     root = tmp_path_factory.mktemp("synthetic") / "raw"
     generate(tiny_params, root, progress=False)
@@ -50,7 +50,7 @@ def synthetic_root(tmp_path_factory, tiny_params) -> Path:
 
 
 def _prepared(name, folder, synthetic_root, tmp_path_factory, tiny_params) -> Path:
-    from mmrad.prepare import prepare_dataset
+    from mmrad.data.prepare import prepare_dataset
 
     out = tmp_path_factory.mktemp("prepared") / name
     prepare_dataset(name, synthetic_root / folder, out, tiny_params.prepare.resolution, progress=False)
@@ -72,7 +72,7 @@ def prepared_resc(synthetic_root, tmp_path_factory, tiny_params) -> Path:
 @pytest.fixture(scope="session")
 def trained_tiny(prepared_mmr, tmp_path_factory, tiny_params) -> tuple[Params, Path]:
     """(params, model folder) of a tiny MMRAD trained for a few steps on the tiny MMR."""
-    from mmrad.train import train
+    from mmrad.training.train import train
 
     out = tmp_path_factory.mktemp("model")
     train(tiny_params, prepared_mmr, out, out / "ckpt", progress=False)
@@ -86,14 +86,14 @@ def registered_tiny(trained_tiny, prepared_mmr, tmp_path_factory) -> SimpleNames
     Fields: params, root, uri (the store), record (registered.json), evaluation (metrics), reports.
     Tests that read the store set MLFLOW_TRACKING_URI=uri themselves (monkeypatch).
     """
-    from mmrad.evaluate import run_mmrad
-    from mmrad.tracking import log_and_register
+    from mmrad.evaluation.evaluate import run_evaluation
+    from mmrad.ops.tracking import log_and_register
 
     params, model_dir = trained_tiny
     root = tmp_path_factory.mktemp("registered")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     reports = root / "reports"
-    evaluation = run_mmrad(params, model_dir / "model.pt", prepared_mmr, reports / "mmrad")
+    evaluation = run_evaluation(params, "mmrad", prepared_mmr, reports / "mmrad", model_dir / "model.pt")
     (root / "data" / "prepared").mkdir(parents=True)
     os.symlink(prepared_mmr, root / "data" / "prepared" / "mmr")
     (root / "dvc.lock").write_text(yaml.safe_dump(

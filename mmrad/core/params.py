@@ -1,0 +1,181 @@
+"""params.yaml, validated: one typed object every stage reads.
+
+Validation is pydantic's (types, ranges, unknown keys rejected); any breach
+becomes a one-line ``DataError`` naming params.yaml and the offending key.
+Comments in params.yaml document each value; docs/decisions.md gives the
+reasons behind the choices the paper leaves open.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mmrad.core.errors import DataError
+
+# The dataset layouts the readers know (mmrad.data.datasets.LAYOUTS has one reader per name; a test checks both agree).
+DATASETS = ("mmr", "idrid", "resc")
+
+Count = Annotated[int, Field(ge=1)]
+Pixels = Annotated[int, Field(ge=64, le=8192)]
+Size = tuple[Pixels, Pixels]  # (height, width)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MMRSynthetic(_Strict):
+    train_normal: Count
+    test_normal: Count
+    test_anomalous: Count
+    fundus_size: Size
+    oct_size: Size
+    one_modality_fraction: float = Field(ge=0.0, le=1.0)
+
+
+class IDRiDSynthetic(_Strict):
+    seg_train: Count
+    seg_test: Count
+    grading_train: Count
+    grading_test: Count
+    healthy_fraction: float = Field(gt=0.0, le=1.0)
+    size: Size
+
+
+class RESCSynthetic(_Strict):
+    train_good: Count
+    val_good: Count
+    val_ungood: Count
+    test_good: Count
+    test_ungood: Count
+    size: Size
+
+
+class Synthetic(_Strict):
+    workers: Count
+    mmr: MMRSynthetic
+    idrid: IDRiDSynthetic
+    resc: RESCSynthetic
+
+
+class DatasetSource(_Strict):
+    root: str
+
+
+class Prepare(_Strict):
+    resolution: Annotated[int, Field(ge=32, le=4096, multiple_of=16)]
+    workers: Count
+    dask_address: str | None = None  # a Dask scheduler (tcp://host:8786); None: a local cluster of `workers`
+
+
+class Model(_Strict):
+    encoder: Literal["vit_tiny", "vit_b", "vit_l", "vit_h"]
+    image_size: Annotated[int, Field(ge=64, le=1024, multiple_of=16)]
+    prompt_dim: Annotated[int, Field(ge=1)] | None = None
+    cnn: Literal["resnet50", "resnet18"]
+    cnn_count: Annotated[int, Field(ge=1, le=4)]
+    fusion_order: tuple[Literal["fundus", "oct"], Literal["fundus", "oct"]]
+    token_init: Literal["pretrained", "normal", "kaiming"]
+
+
+class WeightFile(_Strict):
+    path: str
+    format: str
+    sha256: str | None = None
+
+
+class Weights(_Strict):
+    sam: WeightFile | None = None  # a full SAM checkpoint (format "sam") or an encoder ("lvm-med")
+    resnets: list[WeightFile | None] = []  # one per CNN of the LPT; missing entries stay random
+
+
+class Simulation(_Strict):
+    probability: float = Field(ge=0.0, le=1.0)
+    transforms: Literal["channel_shuffle", "rgb_shift", "rotate", "composition"]
+
+
+class Train(_Strict):
+    dataset: str
+    steps: Count
+    batch_size: Count
+    lr: float = Field(gt=0)
+    betas: tuple[float, float]
+    weight_decay: float = Field(ge=0)
+    loss: Literal["ce", "focal", "dice"]
+    checkpoint_every: Count
+    device: Literal["auto", "cpu", "cuda"]
+    threads: Annotated[int, Field(ge=0)]
+    processes: Count = 1  # data-parallel processes (DDP); > 1 starts torchrun (mmrad.distributed)
+
+
+class Baselines(_Strict):
+    padim_channels: Count
+    patchcore_coreset_ratio: float = Field(gt=0.0, le=1.0)
+
+
+class GateRule(_Strict):
+    min_gain: float = Field(ge=0.0, le=1.0)  # a gain of at least this counts as an improvement
+    max_regression: float = Field(ge=0.0, le=1.0)  # a loss of more than this fails the gate
+
+
+class Tracking(_Strict):
+    experiment: Annotated[str, Field(min_length=1)]
+    model_name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    gate: dict[str, GateRule]
+
+    @field_validator("gate")
+    @classmethod
+    def _some_metric(cls, value: dict[str, GateRule]) -> dict[str, GateRule]:
+        if not value:
+            raise ValueError("the promotion gate needs at least one metric")
+        return value
+
+
+class Params(_Strict):
+    seed: Annotated[int, Field(ge=0)]
+    synthetic: Synthetic
+    datasets: dict[str, DatasetSource]
+    prepare: Prepare
+    model: Model
+    weights: Weights
+    simulation: Simulation
+    train: Train
+    baselines: Baselines
+    tracking: Tracking
+
+    @field_validator("datasets")
+    @classmethod
+    def _known_datasets(cls, value: dict[str, DatasetSource]) -> dict[str, DatasetSource]:
+        unknown = sorted(set(value) - set(DATASETS))
+        if unknown:
+            raise ValueError(f"unknown dataset(s) {unknown}; known: {sorted(DATASETS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Params":
+        if self.model.image_size != self.prepare.resolution:
+            raise ValueError(f"model.image_size ({self.model.image_size}) must equal prepare.resolution "
+                             f"({self.prepare.resolution}): the model reads the prepared cache")
+        if self.train.dataset not in self.datasets:
+            raise ValueError(f"train.dataset {self.train.dataset!r} is not configured under 'datasets'")
+        return self
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise DataError(path, "parameter file is missing") from exc
+    except yaml.YAMLError as exc:
+        raise DataError(path, "parameter file is not valid YAML", str(exc).replace("\n", " ")) from exc
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(part) for part in first["loc"]) or "<top level>"
+        raise DataError(path, f"invalid parameter '{key}'", first["msg"]) from exc

@@ -1,0 +1,280 @@
+"""The MMRAD model (paper Sec. 4): frozen SAM encoder + low-level prompt tuning + a shared decoder.
+
+Built from segment-anything's own modules:
+
+* ``ImageEncoderViT`` (frozen): patch embedding, transformer blocks, neck.
+* **LPT** (Eq. 6-7, trainable): low-level features ``F_c`` from the first three
+  stages (layer1-3) of two frozen ResNets, resampled to the token grid,
+  concatenated and projected to ``h``; ``F_p`` from the frozen patch
+  embeddings projected to ``h``; prompt for block i ``Pr_i = LN_s(LN_i(F_c + F_p))``
+  added to the tokens right before block i. ``LN_i`` is Linear(h, h) + GELU
+  (one per block), ``LN_s`` one shared Linear(h, C) (Table 7: sharing only the
+  lifting layer is best). ``LN_s`` starts at zero, so at step 0 the encoder
+  computes exactly its pretrained embedding.
+* **Decoder** (trainable, shared by both modalities): SAM's ``MaskDecoder``
+  (two-way transformer, upscaling, hypernetwork MLP) driven by two tokens, the
+  mask token ``T_m`` (from SAM's first mask token) and the fusion token ``T_f``
+  (from SAM's IoU token) (Table 14). Per modality the tokens ``[T_f, T_m]``
+  attend to that modality's embedding; ``T_m``'s output gives the anomaly map
+  as in SAM (hypernetwork MLP . upscaled embedding, bilinear to input size).
+  ``T_f`` visits the fundus first, then its output visits the OCT (Table 12:
+  fundus first is best), and ``S = sigmoid(MLP(T_f))``.
+* Single-modal input (Fig. 5): one pass; the score is the map's maximum.
+
+Prompt-free use: no sparse prompts, dense prompt = SAM's ``no_mask_embed``.
+Inputs are RGB float tensors in 0..255 (OCT as three equal channels), of side
+``image_size``; SAM's pixel mean/std normalise them (they equal ImageNet's,
+which the ResNets expect).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+from segment_anything.modeling.mask_decoder import MLP
+from torch import nn
+
+from mmrad.data.symptoms import FUNDUS, OCT
+
+# segment-anything's encoder configurations (build_sam.py), plus a small CPU one.
+ENCODERS = {
+    "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11), window_size=14),
+    "vit_l": dict(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23), window_size=14),
+    "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31), window_size=14),
+    # The CPU default: the same code, 192 wide, 4 deep; at 256 px the grid is 16x16.
+    "vit_tiny": dict(embed_dim=192, depth=4, num_heads=3, global_attn_indexes=(1, 3), window_size=8),
+}
+PATCH = 16
+PROMPT_EMBED_DIM = 256  # SAM's decoder width
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+RESNETS = {"resnet50": (256, 512, 1024), "resnet18": (64, 128, 256)}  # layer1-3 channels
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture. No defaults here: params.yaml's ``model`` section states them once
+    (``mmrad.models.builder.model_config`` makes this from it)."""
+
+    encoder: str  # a key of ENCODERS
+    image_size: int
+    prompt_dim: int | None  # h; None -> max(8, C // 32) (24 for vit_b, as facts.md)
+    cnn: str  # a key of RESNETS
+    cnn_count: int
+    fusion_order: tuple[str, str]
+    token_init: str  # "pretrained" (SAM mask / IoU tokens), "normal", "kaiming" (Table 14)
+    abs_pos: bool  # SAM's absolute position embedding; LVM-Med's encoder is trained without one
+
+    def __post_init__(self):
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {self.encoder!r}; known: {sorted(ENCODERS)}")
+        if self.cnn not in RESNETS:
+            raise ValueError(f"unknown cnn {self.cnn!r}; known: {sorted(RESNETS)}")
+        if self.image_size % PATCH:
+            raise ValueError(f"image_size must be a multiple of {PATCH}, got {self.image_size}")
+        if sorted(self.fusion_order) != [FUNDUS, OCT]:
+            raise ValueError(f"fusion_order must order 'fundus' and 'oct', got {self.fusion_order}")
+        if self.token_init not in ("pretrained", "normal", "kaiming"):
+            raise ValueError(f"unknown token_init {self.token_init!r}")
+
+    @property
+    def width(self) -> int:
+        return ENCODERS[self.encoder]["embed_dim"]
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // PATCH
+
+    @property
+    def h(self) -> int:
+        return self.prompt_dim or max(8, self.width // 32)
+
+
+def build_sam_parts(config: ModelConfig) -> tuple[ImageEncoderViT, PromptEncoder, MaskDecoder]:
+    """SAM's encoder, prompt encoder and mask decoder, as build_sam.py builds them."""
+    spec = ENCODERS[config.encoder]
+    encoder = ImageEncoderViT(
+        depth=spec["depth"], embed_dim=spec["embed_dim"], img_size=config.image_size, mlp_ratio=4,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=spec["num_heads"], patch_size=PATCH,
+        qkv_bias=True, use_abs_pos=config.abs_pos, use_rel_pos=True, global_attn_indexes=spec["global_attn_indexes"],
+        window_size=spec["window_size"], out_chans=PROMPT_EMBED_DIM,
+    )
+    prompt_encoder = PromptEncoder(
+        embed_dim=PROMPT_EMBED_DIM, image_embedding_size=(config.grid, config.grid),
+        input_image_size=(config.image_size, config.image_size), mask_in_chans=16,
+    )
+    decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_EMBED_DIM, mlp_dim=2048, num_heads=8),
+        transformer_dim=PROMPT_EMBED_DIM, iou_head_depth=3, iou_head_hidden_dim=256,
+    )
+    return encoder, prompt_encoder, decoder
+
+
+class ResNetTrunk(nn.Module):
+    """A torchvision ResNet up to layer3 (the "first three stages"), frozen."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.resnet = getattr(torchvision.models, name)(weights=None)
+        del self.resnet.layer4, self.resnet.fc  # never used: keeps memory and checkpoints small
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        r = self.resnet
+        x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
+        f1 = r.layer1(x)
+        f2 = r.layer2(f1)
+        return [f1, f2, r.layer3(f2)]
+
+
+class LowLevelPrompts(nn.Module):
+    """LPT (Eq. 6-7): one prompt per encoder block from CNN features and patch embeddings."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        depth, width, h = ENCODERS[config.encoder]["depth"], config.width, config.h
+        self.grid = config.grid
+        self.cnn_proj = nn.Linear(config.cnn_count * sum(RESNETS[config.cnn]), h)  # Eq. 6's LN
+        self.patch_proj = nn.Linear(width, h)
+        self.per_block = nn.ModuleList(nn.Sequential(nn.Linear(h, h), nn.GELU()) for _ in range(depth))
+        self.lift = nn.Linear(h, width)  # LN_s, shared by all blocks
+        nn.init.zeros_(self.lift.weight)
+        nn.init.zeros_(self.lift.bias)
+
+    def base(self, cnn_features: list[torch.Tensor], patch_embeddings: torch.Tensor) -> torch.Tensor:
+        """F_c + F_p on the token grid, (B, g, g, h)."""
+        pooled = [F.adaptive_avg_pool2d(f, self.grid) for f in cnn_features]
+        f_c = self.cnn_proj(torch.cat(pooled, dim=1).permute(0, 2, 3, 1))
+        return f_c + self.patch_proj(patch_embeddings)
+
+    def prompt(self, base: torch.Tensor, block: int) -> torch.Tensor:
+        return self.lift(self.per_block[block](base))
+
+
+class MMRAD(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.image_encoder, self.prompt_encoder, self.mask_decoder = build_sam_parts(config)
+        self.cnns = nn.ModuleList(ResNetTrunk(config.cnn) for _ in range(config.cnn_count))
+        self.lpt = LowLevelPrompts(config)
+        self.mask_token = nn.Parameter(torch.zeros(1, PROMPT_EMBED_DIM))
+        self.fusion_token = nn.Parameter(torch.zeros(1, PROMPT_EMBED_DIM))
+        self.fusion_head = MLP(PROMPT_EMBED_DIM, 256, 1, 3)
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+        self.cnns.to(memory_format=torch.channels_last)
+        self.init_tokens()
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+
+    # --- parameters -----------------------------------------------------------------
+    def frozen_modules(self) -> list[nn.Module]:
+        """Parts that never train: the SAM encoder, the prompt encoder, the CNNs, and the
+        decoder parts MMRAD does not use (SAM's own tokens and IoU head only seed T_m, T_f
+        and the fusion head; hypernetworks 1-3 serve SAM's extra mask outputs)."""
+        d = self.mask_decoder
+        unused = [d.mask_tokens, d.iou_token, d.iou_prediction_head, *d.output_hypernetworks_mlps[1:]]
+        return [self.image_encoder, self.prompt_encoder, self.cnns, *unused]
+
+    def init_tokens(self) -> None:
+        """T_m, T_f and the fusion head from the decoder's (pretrained, once loaded) tokens.
+
+        Call again after loading SAM weights. "normal" and "kaiming" are Table 14's
+        alternatives.
+        """
+        with torch.no_grad():
+            if self.config.token_init == "pretrained":
+                self.mask_token.copy_(self.mask_decoder.mask_tokens.weight[:1])
+                self.fusion_token.copy_(self.mask_decoder.iou_token.weight)
+                # The fusion head starts as SAM's IoU head, keeping its first output.
+                for mine, sams in zip(self.fusion_head.layers, self.mask_decoder.iou_prediction_head.layers):
+                    mine.weight.copy_(sams.weight[: mine.out_features])
+                    mine.bias.copy_(sams.bias[: mine.out_features])
+            elif self.config.token_init == "normal":
+                nn.init.normal_(self.mask_token, std=0.01)
+                nn.init.normal_(self.fusion_token, std=0.01)
+            else:
+                nn.init.kaiming_normal_(self.mask_token)
+                nn.init.kaiming_normal_(self.fusion_token)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the fine-tuned parameters (the frozen parts come from their own weight files)."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def parameter_counts(self) -> dict[str, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        return {"trainable": trainable, "frozen": frozen}
+
+    def train(self, mode: bool = True):
+        """Frozen parts stay in eval mode (BatchNorm statistics must not move)."""
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()
+        return self
+
+    # --- forward --------------------------------------------------------------------
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) in 0..255 -> prompted SAM image embedding (B, 256, g, g)."""
+        x = (images - self.pixel_mean) / self.pixel_std
+        with torch.no_grad():  # frozen, and the input needs no gradient: skip their graph
+            # channels-last runs the frozen CNNs ~1.25x faster on the CPU (oneDNN), same on CUDA
+            x_cl = x.contiguous(memory_format=torch.channels_last)
+            cnn_features = [f for cnn in self.cnns for f in cnn(x_cl)]
+            patches = self.image_encoder.patch_embed(x)
+        base = self.lpt.base(cnn_features, patches)
+        tokens = patches if self.image_encoder.pos_embed is None else patches + self.image_encoder.pos_embed
+        for i, block in enumerate(self.image_encoder.blocks):
+            tokens = block(tokens + self.lpt.prompt(base, i))
+        return self.image_encoder.neck(tokens.permute(0, 3, 1, 2))
+
+    def decode(self, embedding: torch.Tensor, fusion_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoder pass with tokens [T_f, T_m]: (map logits at input size, T_f out)."""
+        decoder = self.mask_decoder
+        b = embedding.shape[0]
+        tokens = torch.cat([fusion_in, self.mask_token.expand(b, 1, -1)], dim=1)
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        src = embedding + dense
+        pos = self.prompt_encoder.get_dense_pe().expand(b, -1, -1, -1)
+        hs, src = decoder.transformer(src, pos, tokens)
+        src = src.transpose(1, 2).reshape(embedding.shape)
+        upscaled = decoder.output_upscaling(src)
+        hyper = decoder.output_hypernetworks_mlps[0](hs[:, 1])
+        logits = torch.einsum("bc,bchw->bhw", hyper, upscaled)
+        size = self.config.image_size
+        logits = F.interpolate(logits[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+        return logits, hs[:, :1]
+
+    def forward(self, fundus: torch.Tensor | None = None, oct: torch.Tensor | None = None,
+                pooled: bool = False) -> dict:
+        """Maps (logits, (B, S, S)) per given modality and the case score logit (B,).
+
+        With both modalities the score is the fusion token's; with one, the
+        maximum of its map (Fig. 5), so one trained model serves both uses.
+        ``pooled`` adds ``"<modality>_pooled"``: the image embedding averaged over
+        the token grid, (B, 256), for the cross-modal retrieval diagnostic.
+        """
+        inputs = {FUNDUS: fundus, OCT: oct}
+        given = [m for m in self.config.fusion_order if inputs[m] is not None]
+        if not given:
+            raise ValueError("MMRAD needs a fundus image, an OCT image, or both")
+        b = inputs[given[0]].shape[0]
+        fusion = self.fusion_token.expand(b, 1, -1)
+        out: dict = {}
+        for modality in given:  # fundus first by default: T_f carries over
+            embedding = self.embed(inputs[modality])
+            out[modality], fusion = self.decode(embedding, fusion)
+            if pooled:
+                out[f"{modality}_pooled"] = embedding.mean(dim=(2, 3))
+        if len(given) == 2:
+            out["score"] = self.fusion_head(fusion[:, 0])[:, 0]
+        else:
+            out["score"] = out[given[0]].flatten(1).amax(dim=1)
+        return out

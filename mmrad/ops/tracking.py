@@ -1,0 +1,260 @@
+"""MLflow tracking: one run per trained model, with its lineage, metrics, artifacts and the model itself.
+
+The ``register`` stage (last in dvc.yaml) calls ``log_and_register``: it opens
+an MLflow run and logs
+
+* params: params.yaml flattened (``train.lr``, ``model.encoder`` ...);
+* metrics: the training loss per step (from loss.tsv), MMRAD's evaluation
+  metrics (``fundus.pixel_auroc``, ``detection.fusion`` ...), the baselines'
+  under their name (``padim.fundus.pixel_auroc``), the transfer tests under
+  ``transfer.<key>`` and the retrieval diagnostic;
+* artifacts: the report, curves, overlays, dvc.lock and params.yaml;
+* the fine-tuned model as an MLflow pyfunc model (``mmrad.ops.serving``) with a
+  signature and an input example, registered as a new version of
+  ``tracking.model_name`` with the alias ``challenger``;
+* lineage tags (``lineage_tags``): git commit and dirty flag, the DVC hashes
+  of the data it was trained and tested on, a params hash, and the identity of
+  the pretrained weights (or "random init").
+
+Where it tracks: ``MLFLOW_TRACKING_URI`` when set (a server, a database);
+otherwise the embedded default, a sqlite store ``mlflow.db`` with artifacts
+under ``mlartifacts/`` in the project, registry included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+import mlflow
+import mlflow.pyfunc
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+from mmrad.core.errors import DataError
+from mmrad.core.io import atomic_write_text
+from mmrad.evaluation.methods import BASELINES, MAIN
+from mmrad.ops import serving
+
+log = logging.getLogger(__name__)
+
+CHALLENGER, CHAMPION = "challenger", "champion"
+EMBEDDED_DB = "mlflow.db"
+EMBEDDED_ARTIFACTS = "mlartifacts"
+# What DVC writes during a repro: changes there do not make the code "dirty".
+GENERATED_PATHS = ("dvc.lock", "reports", "models")
+
+
+# --------------------------------------------------------------------------- where
+
+def embedded_uri(project: str | Path = ".") -> str:
+    """The embedded default store: sqlite ``mlflow.db`` in the project."""
+    return f"sqlite:///{(Path(project).resolve() / EMBEDDED_DB).as_posix()}"
+
+
+def tracking_uri(project: str | Path = ".") -> str:
+    """MLFLOW_TRACKING_URI, or the embedded sqlite store of the project."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or embedded_uri(project)
+
+
+def use_tracking(project: str | Path = ".") -> str:
+    """Point MLflow (tracking and registry) at ``tracking_uri``; returns it."""
+    uri = tracking_uri(project)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def ensure_experiment(name: str, project: str | Path = ".") -> str:
+    """The experiment's id, created on first use (embedded store: artifacts under mlartifacts/)."""
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if mlflow.get_tracking_uri() == embedded_uri(project):  # (set_tracking_uri also sets MLFLOW_TRACKING_URI)
+        location = (Path(project).resolve() / EMBEDDED_ARTIFACTS / name).as_uri()
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except Exception:  # created meanwhile by a concurrent process
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+# --------------------------------------------------------------------------- what
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def params_hash(params) -> str:
+    """sha256 of the validated parameters in canonical JSON (key order and comments do not matter)."""
+    canonical = json.dumps(params.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _git(project: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=project, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return done.stdout.strip()
+
+
+def dvc_out_hashes(lock_file: str | Path) -> dict[str, str]:
+    """{output path: md5} of every stage output recorded in dvc.lock."""
+    lock_file = Path(lock_file)
+    if not lock_file.is_file():
+        return {}
+    try:
+        lock = yaml.safe_load(lock_file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DataError(lock_file, "dvc.lock is not valid YAML", str(exc).replace("\n", " ")) from exc
+    hashes = {}
+    for stage in (lock.get("stages") or {}).values():
+        for out in stage.get("outs", []) or []:
+            if "md5" in out:
+                hashes[out["path"]] = out["md5"]
+    return hashes
+
+
+def lineage_tags(params, project: str | Path, weights_identity: dict | None) -> dict[str, str]:
+    """Tags that trace a run to its code, data, params and pretrained weights."""
+    project = Path(project)
+    commit = _git(project, "rev-parse", "HEAD")
+    changed = _git(project, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                   *[f":(exclude){p}" for p in GENERATED_PATHS])
+    hashes = dvc_out_hashes(project / "dvc.lock")
+    tags = {
+        "mmrad.git_commit": commit or "unknown (not a git repository)",
+        "mmrad.git_dirty": "unknown" if changed is None else str(bool(changed)).lower(),
+        "mmrad.params_hash": params_hash(params),
+        "mmrad.train_dataset": params.train.dataset,
+    }
+    for name, source in params.datasets.items():
+        prepared = f"data/prepared/{name}"
+        tags[f"mmrad.data.{name}"] = hashes.get(prepared, "untracked")
+        tags[f"mmrad.data.{name}.root"] = source.root
+    weights_identity = weights_identity or {}
+    tags["mmrad.weights.sam"] = str(weights_identity.get("sam", "unknown"))
+    tags["mmrad.weights.resnets"] = ", ".join(map(str, weights_identity.get("resnets", []))) or "none"
+    return tags
+
+
+def evaluation_metrics(result: dict, prefix: str = "") -> dict[str, float]:
+    """metrics.json of an evaluation -> flat MLflow metrics (localisation, detection, retrieval)."""
+    flat: dict[str, float] = {}
+    for modality, values in result.get("localisation", {}).items():
+        for key, value in values.items():
+            flat[f"{prefix}{modality}.{key}"] = float(value)
+    for key, value in result.get("detection", {}).items():
+        flat[f"{prefix}detection.{key}"] = float(value)
+    for key, value in result.get("retrieval", {}).items():
+        flat[f"{prefix}retrieval.{key}"] = float(value)
+    return flat
+
+
+def collect_metrics(reports: Path, trained: dict) -> dict[str, float]:
+    """Everything the pipeline measured, as flat MLflow metrics (``trained``: the train stage's metrics.json;
+    missing optional files are skipped)."""
+    def read(path: Path) -> dict:
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    main = reports / MAIN / "metrics.json"
+    if not main.is_file():
+        raise DataError(main, "MMRAD evaluation metrics are missing (run the evaluate stage first)")
+    flat = evaluation_metrics(read(main))
+    for baseline in BASELINES:
+        flat.update(evaluation_metrics(read(reports / baseline / "metrics.json"), f"{baseline}."))
+    for path in sorted((reports / "transfer").glob("*/metrics.json")):
+        flat.update(evaluation_metrics(read(path), f"transfer.{path.parent.name}."))
+    for key in ("final_loss", "seconds", "steps"):
+        if isinstance(trained.get(key), (int, float)):
+            flat[f"train.{key}"] = float(trained[key])
+    return flat
+
+
+def loss_history(loss_tsv: Path) -> list[tuple[int, dict[str, float]]]:
+    """[(step, {column: value})] from the training stage's loss.tsv."""
+    if not loss_tsv.is_file():
+        return []
+    lines = loss_tsv.read_text().splitlines()
+    header = lines[0].split("\t")
+    rows = []
+    for line in lines[1:]:
+        values = dict(zip(header, line.split("\t")))
+        step = int(values.pop("step"))
+        rows.append((step, {f"train.{k}": float(v) for k, v in values.items()}))
+    return rows
+
+
+# --------------------------------------------------------------------------- the register stage
+
+def log_and_register(params, project: str | Path = ".", model_dir: str | Path = "models/mmrad",
+                     reports: str | Path = "reports", out: str | Path = "models/registered.json",
+                     params_file: str | Path = "params.yaml") -> dict:
+    """Log the pipeline's run to MLflow, register the model as ``challenger``; write ``out`` (ids)."""
+    project, model_dir, reports = Path(project), Path(model_dir), Path(reports)
+    model_file = model_dir / "model.pt"
+    if not model_file.is_file():
+        raise DataError(model_file, "trained model is missing (run the train stage first)")
+    trained = json.loads((model_dir / "metrics.json").read_text()) if (model_dir / "metrics.json").is_file() else {}
+    metrics = collect_metrics(reports, trained)
+    uri = use_tracking(project)
+    experiment_id = ensure_experiment(params.tracking.experiment, project)
+    client = MlflowClient()
+    tags = lineage_tags(params, project, trained.get("weights"))
+    artifacts = {"model": str(model_file), "params": str(params_file)}
+    if params.weights.sam is not None:
+        artifacts["weights_sam"] = params.weights.sam.path
+    for i, entry in enumerate(params.weights.resnets):
+        if entry is not None:
+            artifacts[f"weights_resnet{i}"] = entry.path
+    size = params.model.image_size
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{params.tracking.model_name} "
+                          f"{tags['mmrad.git_commit'][:8]}", tags=tags) as run:
+        flat_params = {k: json.dumps(v) if isinstance(v, (list, dict)) else v
+                       for k, v in flatten(params.model_dump(mode="json")).items()}
+        mlflow.log_params(flat_params)
+        history = loss_history(model_dir / "loss.tsv")
+        timestamp = int(run.info.start_time)
+        per_step = [Metric(key, value, timestamp, step) for step, row in history for key, value in row.items()]
+        for start in range(0, len(per_step), 1000):  # the store takes at most 1000 metrics per batch
+            client.log_batch(run.info.run_id, metrics=per_step[start:start + 1000])
+        mlflow.log_metrics(metrics)
+        for path, folder in [(reports / "report.md", None), (project / "dvc.lock", None),
+                             (Path(params_file), None), (reports / "mmrad" / "plots", "plots/mmrad"),
+                             (reports / "mmrad" / "overlays", "overlays/mmrad")]:
+            if path.is_file():
+                mlflow.log_artifact(str(path), folder)
+            elif path.is_dir():
+                mlflow.log_artifacts(str(path), folder)
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(serving.MODEL_CODE), artifacts=artifacts,
+            code_paths=[str(serving.PACKAGE)], signature=serving.model_signature(size),
+            input_example=serving.input_example(project / "data" / "prepared" / params.train.dataset, size),
+            pip_requirements=serving.pip_requirements())
+        run_id = run.info.run_id
+    version = mlflow.register_model(info.model_uri, params.tracking.model_name, tags=tags)
+    client.set_registered_model_alias(params.tracking.model_name, CHALLENGER, version.version)
+    record = {"tracking_uri": uri, "experiment_id": experiment_id, "run_id": run_id,
+              "model_name": params.tracking.model_name, "version": int(version.version),
+              "model_uri": f"models:/{params.tracking.model_name}/{version.version}"}
+    atomic_write_text(Path(out), json.dumps(record, indent=2) + "\n")
+    log.info("registered %s version %s as %s (run %s, %s)", record["model_name"], record["version"],
+             CHALLENGER, run_id, uri)
+    return record

@@ -1,0 +1,219 @@
+"""Fine-tuning MMRAD on healthy pairs with simulated anomalies (paper Sec. 4.3-4.4).
+
+Each step takes ``batch_size`` healthy cases, simulates an anomaly in each
+modality independently (``mmrad.training.anomaly_simulation``), and minimises Eq. 8-10:
+``CE(M_fundus, B_fundus) + CE(M_oct, B_oct) + CE(S, max(B_fundus, B_oct))``
+(focal or dice for the maps as options, Table 10).
+
+Determinism and exact resume: the batch of step ``k`` (which cases, which
+simulated anomalies) is a pure function of ``(seed, k)``, and the model's
+frozen parts are rebuilt from the same seed, so a run interrupted after a
+checkpoint and resumed with ``resume=True`` ends with the same weights as an
+uninterrupted run (on the CPU; CUDA kernels may differ in the last bits).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.ops import sigmoid_focal_loss
+from tqdm import tqdm
+
+from mmrad.core.errors import DataError
+from mmrad.core.io import atomic_write_text
+from mmrad.core.params import Params
+from mmrad.data.splits import load_training_images
+from mmrad.data.symptoms import MODALITIES
+from mmrad.models.builder import MODEL_FILE, RANDOM_INIT, build_model, save_atomic, save_finetuned
+from mmrad.training import distributed
+from mmrad.training.anomaly_simulation import simulate, simulation_config
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Cases of one step: each epoch visits every case once, in a seeded order."""
+    per_epoch = math.ceil(n / batch_size)
+    epoch, position = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, 1, epoch]).permutation(n)
+    chunk = order[position * batch_size:(position + 1) * batch_size]
+    if len(chunk) < batch_size:  # last, short batch of the epoch: top up from the start
+        chunk = np.concatenate([chunk, order[: batch_size - len(chunk)]])
+    return chunk
+
+
+def make_batch(images: dict[str, np.ndarray], step: int, params: Params,
+               positions: range | None = None) -> dict[str, torch.Tensor]:
+    """Images, simulated masks and case labels of one step (a pure function of seed and step).
+
+    ``positions``: the part of the step's global batch to build (a training
+    process's shard); case j is the same case with the same anomaly whichever
+    process builds it.
+    """
+    config = simulation_config(params.simulation)
+    n = len(next(iter(images.values())))
+    idx = batch_indices(n, params.train.batch_size, step, params.seed)
+    batch: dict[str, list] = {key: [] for m in images for key in (m, f"{m}_mask")}
+    for j in positions if positions is not None else range(len(idx)):
+        case = idx[j]
+        for modality, stack in images.items():
+            k = MODALITIES.index(modality)  # the stream of a modality is the same paired or alone
+            rng = np.random.default_rng([params.seed, 2, step, j, k])
+            image, mask = simulate(stack[case], modality, config, rng)
+            batch[modality].append(image)
+            batch[f"{modality}_mask"].append(mask)
+    tensors = {key: torch.from_numpy(np.stack(value)) for key, value in batch.items()}
+    for modality in images:
+        tensors[modality] = tensors[modality].permute(0, 3, 1, 2).float()
+        tensors[f"{modality}_mask"] = tensors[f"{modality}_mask"].float()
+    tensors["label"] = torch.stack([tensors[f"{m}_mask"].flatten(1).amax(1) for m in images]).amax(0)
+    return tensors
+
+
+def map_loss(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "ce":
+        return F.binary_cross_entropy_with_logits(logits, target)
+    if kind == "focal":
+        return sigmoid_focal_loss(logits, target, alpha=0.25, gamma=2.0, reduction="mean")
+    probs = torch.sigmoid(logits).flatten(1)  # dice, per image, smoothed so empty masks are fine
+    target = target.flatten(1)
+    dice = (2 * (probs * target).sum(1) + 1) / (probs.sum(1) + target.sum(1) + 1)
+    return (1 - dice).mean()
+
+
+def losses(out: dict, batch: dict, kind: str) -> dict[str, torch.Tensor]:
+    """Eq. 8-10: localisation on every map + detection on the fused score.
+
+    With one modality (Fig. 5b) there is no fusion: localisation loss only.
+    """
+    modalities = [m for m in MODALITIES if m in out]
+    parts = {m: map_loss(out[m].float(), batch[f"{m}_mask"], kind) for m in modalities}
+    loss = sum(parts.values())
+    if len(modalities) == 2:
+        parts["score"] = F.binary_cross_entropy_with_logits(out["score"].float(), batch["label"])
+        loss = loss + parts["score"]
+    parts["loss"] = loss
+    return parts
+
+
+def training_fingerprint(params: Params) -> str:
+    """What a checkpoint must match to be resumed: everything that shapes the run (stored in the checkpoint and
+    the model file as ``params_hash``; not ``mmrad.ops.tracking.params_hash``, which hashes all of params.yaml)."""
+    relevant = {k: params.model_dump(mode="json")[k] for k in ("seed", "model", "weights", "simulation", "train")}
+    relevant["train"].pop("processes")  # the same run on 1 or N processes (mmrad.distributed)
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("params.yaml", "train.device is 'cuda' but no CUDA device is available")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def train(params: Params, prepared: str | Path, out: str | Path, checkpoint_dir: str | Path,
+          resume: bool = False, stop_after: int | None = None, progress: bool | None = None) -> dict:
+    """Fine-tune and write ``out/model.pt`` (trainable weights only) and ``out/metrics.json``.
+
+    ``checkpoint_dir`` holds the resumable ``checkpoint.pt`` (every
+    ``train.checkpoint_every`` steps). ``stop_after`` ends early after that
+    many steps (for tests and for splitting a long run), leaving a checkpoint.
+    Launched by torchrun as one of N processes, it trains data-parallel
+    (mmrad.distributed); only rank 0 writes files.
+    """
+    t = params.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    context, device = distributed.start(resolve_device(t.device))
+    positions = distributed.shard(t.batch_size, context)
+    out, checkpoint_dir = Path(out), Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    images, case_ids = load_training_images(prepared)
+    model, identity = build_model(params)
+    model.to(device).train()
+    counts = model.parameter_counts()
+    log.info("training on %s%s: %d healthy cases (%s), trainable %s / frozen %s parameters", device,
+             f" x {context.world} processes" if context.active else "", len(case_ids), " + ".join(images),
+             f"{counts['trainable']:,}", f"{counts['frozen']:,}")
+    net = model
+    if context.active:  # gradients all-reduced across processes; a single-modal model has no fusion head in use
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False,
+            find_unused_parameters=len(images) == 1)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(trainable, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+
+    start, history = 0, []
+    checkpoint_path = checkpoint_dir / CHECKPOINT
+    if resume:
+        if not checkpoint_path.is_file():
+            raise DataError(checkpoint_path, "no checkpoint to resume from")
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        if state["params_hash"] != training_fingerprint(params):
+            raise DataError(checkpoint_path, "checkpoint was made with other parameters; cannot resume")
+        model.load_state_dict(state["trainable"], strict=False)
+        optimiser.load_state_dict(state["optimizer"])
+        start, history = state["step"], state["history"]
+        log.info("resumed from step %d", start)
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    end = t.steps if stop_after is None else min(t.steps, start + stop_after)
+    started = time.perf_counter()
+    bar = tqdm(range(start, end), initial=start, total=t.steps, desc="train", unit="step",
+               disable=not context.is_main or (None if progress is None else not progress))
+    for step in bar:
+        batch = {k: v.to(device) for k, v in make_batch(images, step, params, positions).items()}
+        with autocast:
+            out_ = net(**{m: batch[m] for m in images})
+        parts = losses(out_, batch, t.loss)
+        optimiser.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        optimiser.step()
+        values = distributed.mean_across({k: float(v.detach()) for k, v in parts.items()}, context)
+        record = {"step": step + 1, **{k: round(v, 6) for k, v in values.items()}}
+        history.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if context.is_main and ((step + 1) % t.checkpoint_every == 0 or step + 1 == end):
+            save_atomic({"step": step + 1, "trainable": model.trainable_state_dict(),
+                          "optimizer": optimiser.state_dict(), "history": history,
+                          "params_hash": training_fingerprint(params)}, checkpoint_path)
+    bar.close()
+    seconds = time.perf_counter() - started
+    if end < t.steps:
+        log.info("stopped after step %d of %d; resume with --resume", end, t.steps)
+        distributed.stop(context)
+        return {"step": end, "finished": False}
+    if not context.is_main:
+        distributed.stop(context)
+        return {"step": end, "finished": True, "rank": context.rank}
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_finetuned(out / MODEL_FILE, model, identity, params, training_fingerprint(params))
+    window = min(10, len(history))
+    metrics = {
+        "steps": t.steps, "device": device.type, "processes": context.world, "seconds": round(seconds, 1),
+        "modalities": list(images),
+        "first_loss": round(float(np.mean([h["loss"] for h in history[:window]])), 5),
+        "final_loss": round(float(np.mean([h["loss"] for h in history[-window:]])), 5),
+        "trainable_parameters": counts["trainable"], "frozen_parameters": counts["frozen"],
+        "pretrained": identity["sam"] != RANDOM_INIT, "weights": identity,
+    }
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    columns = ["loss", *images, *(["score"] if len(images) == 2 else [])]
+    lines = ["step\t" + "\t".join(columns)] + [
+        f"{h['step']}\t" + "\t".join(str(h[c]) for c in columns) for h in history]
+    atomic_write_text(out / "loss.tsv", "\n".join(lines) + "\n")
+    log.info("trained %d steps in %.1f s: loss %.4f -> %.4f", t.steps, seconds, metrics["first_loss"],
+             metrics["final_loss"])
+    distributed.stop(context)
+    return metrics

@@ -1,0 +1,108 @@
+"""The MMRAD model: shapes, ranges, single- and multi-modal use, what trains and what stays frozen."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mmrad.core.params import Params
+from mmrad.models.builder import model_config
+from mmrad.models.mmrad import MMRAD, ModelConfig
+from tests.conftest import tiny_params_dict
+
+CONFIG = model_config(Params.model_validate(tiny_params_dict()))  # vit_tiny at 64 px, resnet18 trunks
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return MMRAD(CONFIG).eval()
+
+
+def _images(b=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 3, 64, 64, generator=g) * 255
+
+
+def test_paired_input_gives_two_maps_and_a_fused_score(model):
+    with torch.no_grad():
+        out = model(_images(), _images(seed=2))
+    assert out["fundus"].shape == out["oct"].shape == (2, 64, 64)
+    assert out["score"].shape == (2,)
+    for value in out.values():
+        assert torch.isfinite(value).all()
+        probabilities = torch.sigmoid(value)
+        assert (probabilities >= 0).all() and (probabilities <= 1).all()
+
+
+@pytest.mark.parametrize("modality", ["fundus", "oct"])
+def test_single_modal_input_scores_with_the_map_maximum(model, modality):
+    with torch.no_grad():
+        out = model(**{modality: _images()})
+    assert set(out) == {modality, "score"}
+    assert torch.equal(out["score"], out[modality].flatten(1).amax(1))
+
+
+def test_single_modal_map_equals_the_paired_one_for_the_first_modality(model):
+    # T_m is shared; the fundus pass of a pair sees the initial T_f, like a fundus-only pass.
+    fundus, oct_ = _images(), _images(seed=2)
+    with torch.no_grad():
+        assert torch.allclose(model(fundus, oct_)["fundus"], model(fundus=fundus)["fundus"], atol=1e-5)
+
+
+def test_fusion_order_matters(model):
+    flipped = MMRAD(ModelConfig(**{**CONFIG.__dict__, "fusion_order": ("oct", "fundus")})).eval()
+    flipped.load_state_dict(model.state_dict())
+    fundus, oct_ = _images(), _images(seed=2)
+    with torch.no_grad():
+        assert not torch.allclose(model(fundus, oct_)["score"], flipped(fundus, oct_)["score"])
+
+
+def test_missing_input_is_an_error(model):
+    with pytest.raises(ValueError, match="needs a fundus image, an OCT image, or both"):
+        model()
+
+
+def test_zero_lift_means_the_pretrained_embedding_at_step_zero(model):
+    images = _images()
+    with torch.no_grad():
+        assert torch.allclose(model.embed(images), model.image_encoder((images - model.pixel_mean) / model.pixel_std),
+                              atol=1e-5)
+
+
+def test_tokens_start_from_sams_mask_and_iou_tokens(model):
+    assert torch.equal(model.mask_token, model.mask_decoder.mask_tokens.weight[:1])
+    assert torch.equal(model.fusion_token, model.mask_decoder.iou_token.weight)
+
+
+def test_frozen_parts_do_not_move_and_trainable_ones_do():
+    torch.manual_seed(0)
+    model = MMRAD(CONFIG).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(trainable, lr=1e-3)
+    out = model(_images(), _images(seed=2))
+    (out["fundus"].mean() + out["oct"].mean() + out["score"].mean()).backward()
+    optimiser.step()
+    after = model.state_dict()
+    names = set(model.trainable_state_dict())
+    frozen_prefixes = ("image_encoder.", "prompt_encoder.", "cnns.")
+    assert names and not any(n.startswith(frozen_prefixes) for n in names)
+    for key, value in after.items():
+        if key in names:
+            continue
+        assert torch.equal(value, before[key]), f"frozen {key} changed"  # incl. BatchNorm running stats
+    moved = sum(not torch.equal(after[k], before[k]) for k in names)
+    assert moved == len(names)  # every trainable tensor got an update (the zero lift too)
+    counts = model.parameter_counts()
+    assert counts["trainable"] == sum(v.numel() for v in model.trainable_state_dict().values())
+    assert counts["frozen"] > counts["trainable"]
+
+
+def test_unknown_configuration_is_rejected():
+    with pytest.raises(ValueError, match="unknown encoder 'vit_x'"):
+        replace(CONFIG, encoder="vit_x")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        replace(CONFIG, image_size=100)
