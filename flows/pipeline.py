@@ -34,7 +34,6 @@ from prefect.client.orchestration import get_client
 from mmrad.cli import build_parser
 from mmrad.cli import main as mmrad_main
 from mmrad.core.params import load_params
-from mmrad.data.prepare import mapping_with
 
 
 class StageFailed(RuntimeError):
@@ -127,6 +126,8 @@ def dask_runner(params):
 @flow(name="prepare-on-dask", flow_run_name="prepare-images")
 def prepare_on_dask(argv: list[str], workers: int) -> int:
     """The prepare stage with its per-image work mapped over Dask workers (the same library code)."""
+    from mmrad.data.prepare import mapping_with  # noqa: PLC0415 (pandas, pyarrow, scikit-image: only prepare needs them)
+
     with mapping_with(dask_mapping(workers)):
         status = mmrad_main(argv)
     if status:

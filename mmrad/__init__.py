@@ -7,8 +7,9 @@ and the Prefect flows (``flows/``) all call. Subpackages, from the bottom up
 checks it, see pyproject.toml and docs/architecture.md):
 
 * ``core``: errors, params.yaml, files and images;
-* ``data``: dataset layouts, prepare, the prepared splits, the synthetic default;
-* ``models``: MMRAD, its builder and weights, the baselines;
+* ``data``: dataset layouts, prepare, the prepared splits;
+* ``models`` and ``synthetic`` (independent of each other): MMRAD, its builder
+  and weights, the baselines; the phantom and the synthetic default data;
 * ``training`` and ``evaluation`` (independent of each other): the train loop;
   methods, inference, metrics, report;
 * ``ops``: MLflow tracking, the registry, serving, predict;

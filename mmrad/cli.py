@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mmrad.core.errors import DataError
 from mmrad.core.params import load_params
-from mmrad.evaluation.methods import MAIN, METHODS
+from mmrad.evaluation.methods import BASELINES, METHODS
 
 log = logging.getLogger("mmrad")
 
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="evaluate MMRAD or a baseline on the prepared test split",
                        description="Pixel AUROC and AU-PRO per modality, detection AUROC of every case score, "
                                    "per-symptom results, ROC/PRO curves (CSV) and overlay PNGs. "
-                                   f"Baselines ({', '.join(n for n in METHODS if n != MAIN)}) are fitted on the healthy "
+                                   f"Baselines ({', '.join(BASELINES)}) are fitted on the healthy "
                                    "training split first.")
     p.add_argument("method", choices=list(METHODS))
     p.add_argument("--model", default="models/mmrad/model.pt", help="MMRAD model file (default: %(default)s)")

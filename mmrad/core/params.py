@@ -1,6 +1,9 @@
 """params.yaml, validated: one typed object every stage reads.
 
-Validation is pydantic's (types, ranges, unknown keys rejected); any breach
+params.yaml states every value, defaults included; this module gives their
+types and ranges and no defaults of its own (only a weight file's optional
+``sha256``). Validation is pydantic's (types, ranges, unknown and missing keys
+rejected); any breach
 becomes a one-line ``DataError`` naming params.yaml and the offending key.
 Comments in params.yaml document each value; docs/decisions.md gives the
 reasons behind the choices the paper leaves open.
@@ -69,13 +72,13 @@ class DatasetSource(_Strict):
 class Prepare(_Strict):
     resolution: Annotated[int, Field(ge=32, le=4096, multiple_of=16)]
     workers: Count
-    dask_address: str | None = None  # a Dask scheduler (tcp://host:8786); None: a local cluster of `workers`
+    dask_address: str | None  # a Dask scheduler (tcp://host:8786); None: a local cluster of `workers`
 
 
 class Model(_Strict):
     encoder: Literal["vit_tiny", "vit_b", "vit_l", "vit_h"]
     image_size: Annotated[int, Field(ge=64, le=1024, multiple_of=16)]
-    prompt_dim: Annotated[int, Field(ge=1)] | None = None
+    prompt_dim: Annotated[int, Field(ge=1)] | None
     cnn: Literal["resnet50", "resnet18"]
     cnn_count: Annotated[int, Field(ge=1, le=4)]
     fusion_order: tuple[Literal["fundus", "oct"], Literal["fundus", "oct"]]
@@ -89,8 +92,8 @@ class WeightFile(_Strict):
 
 
 class Weights(_Strict):
-    sam: WeightFile | None = None  # a full SAM checkpoint (format "sam") or an encoder ("lvm-med")
-    resnets: list[WeightFile | None] = []  # one per CNN of the LPT; missing entries stay random
+    sam: WeightFile | None  # a full SAM checkpoint (format "sam") or an encoder ("lvm-med")
+    resnets: list[WeightFile | None]  # one per CNN of the LPT; missing entries stay random
 
 
 class Simulation(_Strict):
@@ -109,7 +112,7 @@ class Train(_Strict):
     checkpoint_every: Count
     device: Literal["auto", "cpu", "cuda"]
     threads: Annotated[int, Field(ge=0)]
-    processes: Count = 1  # data-parallel processes (DDP); > 1 starts torchrun (mmrad.distributed)
+    processes: Count  # data-parallel processes (DDP); > 1 starts torchrun (mmrad.training.distributed)
 
 
 class Baselines(_Strict):

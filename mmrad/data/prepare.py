@@ -1,6 +1,6 @@
 """The ``prepare`` stage: validated split manifests and a resized image cache.
 
-For one dataset it scans the raw layout (``mmrad.datasets``), decodes every
+For one dataset it scans the raw layout (``mmrad.data.datasets``), decodes every
 image and annotation (so a corrupt file or a bad mask fails here, naming the
 file), resizes images and masks to ``prepare.resolution`` and writes
 
@@ -36,10 +36,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from mmrad.data import symptoms
-from mmrad.data.datasets import LAYOUTS, Sample
 from mmrad.core.errors import DataError
 from mmrad.core.io import atomic_dir, read_image, sha256_file
+from mmrad.data import symptoms
+from mmrad.data.datasets import LAYOUTS, Sample
 
 log = logging.getLogger(__name__)
 

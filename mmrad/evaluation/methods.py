@@ -2,7 +2,7 @@
 
 The CLI's choices, the evaluation (which scorer runs), the report's tables,
 the MLflow metric prefixes and dvc.yaml's ``baseline`` stages all read this
-table (tests/unit/evaluation/test_methods.py checks dvc.yaml against it).
+table (tests/system/test_dvc_deps.py checks dvc.yaml against it).
 
 It is plain data on purpose, so the CLI can list the methods without
 importing torch: ``scorer`` names the function in

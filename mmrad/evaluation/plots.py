@@ -14,7 +14,7 @@ from mmrad.data.splits import SplitData  # noqa: E402
 from mmrad.evaluation.inference import Predictions  # noqa: E402
 
 
-def save_overlays(test: SplitData, predictions: Predictions, folder: Path, count: int = 8) -> list[Path]:
+def save_overlays(test: SplitData, predictions: Predictions, folder: Path, count: int) -> list[Path]:
     """PNG per case: each modality's image, ground-truth outline and anomaly map, for a sample of cases."""
     anomalous = [i for i in range(len(test.labels)) if test.labels[i] == 1]
     normal = [i for i in range(len(test.labels)) if test.labels[i] == 0]

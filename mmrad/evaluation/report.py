@@ -74,7 +74,7 @@ def render(results: dict[str, dict], context: dict, transfer: dict[str, dict] | 
         paper = PAPER_TABLE5.get(name)
         lines.append(f"| {name} | {_f(d.get('fundus_only'))} | {_f(d.get('oct_only'))} | {_f(_detection(result))} "
                      f"| {' / '.join(f'{v:.4f}' for v in paper) if paper else '–'} |")
-    if "mmrad" in results:
+    if MAIN in results:
         d = results[MAIN].get("detection", {})
         lines += ["", "## Table 12: MMRAD's fusion token vs other fusions (detection AUROC)", "",
                   "| setting | ours | paper |", "|---|---:|---:|",

@@ -122,10 +122,10 @@ def load_finetuned(path: str | Path, params: Params) -> MMRAD:
     expected = dataclasses.asdict(model_config(params))
     stored = state.get("config")
     if not isinstance(stored, dict) or _plain(stored) != _plain(expected):
-        differ = sorted(k for k in expected if not isinstance(stored, dict) or _plain(stored.get(k)) != _plain(expected[k]))
+        stored = stored if isinstance(stored, dict) else {}
+        differ = sorted(k for k in expected.keys() | stored.keys() if _plain(stored.get(k)) != _plain(expected.get(k)))
         raise DataError(path, "model was trained with another architecture than params.yaml configures",
-                        "; ".join(f"{k}: file {stored.get(k) if isinstance(stored, dict) else None!r}, "
-                                  f"params {expected[k]!r}" for k in differ))
+                        "; ".join(f"{k}: file {stored.get(k)!r}, params {expected.get(k)!r}" for k in differ))
     model, identity = build_model(params)
     if identity != state["weights"] or state["seed"] != params.seed:
         raise DataError(path, "model was trained on other frozen weights than params.yaml configures",

@@ -4,7 +4,7 @@ No machine of this project can download anything, so every checkpoint is a
 local file the user fetched once. This module turns such a file into
 parameters of a module built from ``segment_anything`` or ``torchvision``,
 checks it strictly, and reports what it did. Every failure is a one-line
-:class:`~mmrad.errors.DataError` naming the file and the broken rule.
+:class:`~mmrad.core.errors.DataError` naming the file and the broken rule.
 
 Public API::
 

@@ -35,7 +35,7 @@ from mmrad.data.prepare import load_for_model
 from mmrad.data.splits import SplitData
 from mmrad.evaluation.inference import predict_mmrad
 from mmrad.evaluation.plots import plot_case
-from mmrad.models.builder import load_finetuned
+from mmrad.models.builder import MODEL_FILE, load_finetuned
 from mmrad.ops.tracking import use_tracking
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def load_model(ref: str, params_file: str | Path = "params.yaml"):
         inner = wrapped.unwrap_python_model()
         return inner.model, inner.params
     path = Path(ref)
-    path = path / "model.pt" if path.is_dir() else path
+    path = path / MODEL_FILE if path.is_dir() else path
     if not path.is_file():
         raise DataError(path, "model file is missing", "give a training output (models/mmrad) or models:/NAME@ALIAS")
     params = load_params(params_file)

@@ -39,6 +39,7 @@ from mlflow.entities import Metric
 from mmrad.core.errors import DataError
 from mmrad.core.io import atomic_write_text
 from mmrad.evaluation.methods import BASELINES, MAIN
+from mmrad.models.builder import MODEL_FILE
 from mmrad.ops import serving
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ def log_and_register(params, project: str | Path = ".", model_dir: str | Path = 
                      params_file: str | Path = "params.yaml") -> dict:
     """Log the pipeline's run to MLflow, register the model as ``challenger``; write ``out`` (ids)."""
     project, model_dir, reports = Path(project), Path(model_dir), Path(reports)
-    model_file = model_dir / "model.pt"
+    model_file = model_dir / MODEL_FILE
     if not model_file.is_file():
         raise DataError(model_file, "trained model is missing (run the train stage first)")
     trained = json.loads((model_dir / "metrics.json").read_text()) if (model_dir / "metrics.json").is_file() else {}

@@ -1,7 +1,7 @@
 """The embedded default dataset: retina phantoms written in the real MMR, IDRiD and RESC layouts.
 
 No machine here can download the real data, so ``generate`` renders
-synthetic eyes (``mmrad.phantom``) and writes them with the same writers and
+synthetic eyes (``mmrad.synthetic.phantom``) and writes them with the same writers and
 in the same folder layouts as the real releases; everything downstream reads
 them with the readers a real download goes through.
 

@@ -110,7 +110,7 @@ def training_fingerprint(params: Params) -> str:
     """What a checkpoint must match to be resumed: everything that shapes the run (stored in the checkpoint and
     the model file as ``params_hash``; not ``mmrad.ops.tracking.params_hash``, which hashes all of params.yaml)."""
     relevant = {k: params.model_dump(mode="json")[k] for k in ("seed", "model", "weights", "simulation", "train")}
-    relevant["train"].pop("processes")  # the same run on 1 or N processes (mmrad.distributed)
+    relevant["train"].pop("processes")  # the same run on 1 or N processes (mmrad.training.distributed)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -128,7 +128,7 @@ def train(params: Params, prepared: str | Path, out: str | Path, checkpoint_dir:
     ``train.checkpoint_every`` steps). ``stop_after`` ends early after that
     many steps (for tests and for splitting a long run), leaving a checkpoint.
     Launched by torchrun as one of N processes, it trains data-parallel
-    (mmrad.distributed); only rank 0 writes files.
+    (mmrad.training.distributed); only rank 0 writes files.
     """
     t = params.train
     if t.threads:

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mmrad.data import symptoms
-from mmrad.data.datasets.base import Sample, check_splits, child
 from mmrad.core.errors import DataError
 from mmrad.core.io import atomic_write_text, find_image, read_image, write_image
+from mmrad.data import symptoms
+from mmrad.data.datasets.base import Sample, check_splits, child
 
 NAME = "idrid"
 SEG = "A. Segmentation"

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mmrad.core.errors import DataError
+from mmrad.core.io import find_image, write_image
 from mmrad.data import symptoms
 from mmrad.data.datasets import labelme
 from mmrad.data.datasets.base import Sample, check_splits, child
-from mmrad.core.errors import DataError
-from mmrad.core.io import find_image, write_image
 
 NAME = "mmr"
 LABEL_FOLDERS = {"normal": 0, "anomaly": 1}

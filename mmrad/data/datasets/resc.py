@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mmrad.data import symptoms
-from mmrad.data.datasets.base import Sample, check_splits, child
 from mmrad.core.errors import DataError
 from mmrad.core.io import IMAGE_SUFFIXES, read_image, write_image
+from mmrad.data import symptoms
+from mmrad.data.datasets.base import Sample, check_splits, child
 
 NAME = "resc"
 # our split name -> (outer folder, inner folder, label folder) of the nested layout

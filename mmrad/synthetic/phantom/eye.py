@@ -52,7 +52,7 @@ class Rendered:
     """What a phantom renderer returns for one image.
 
     image:   fundus (H, W, 3) uint8 RGB; OCT (H, W) uint8 grayscale.
-    lesions: lesion kind (see ``mmrad.symptoms``) -> bool (H, W) mask, one
+    lesions: lesion kind (see ``mmrad.data.symptoms``) -> bool (H, W) mask, one
              non-empty mask for every kind that was asked for.
     anatomy: named bool (H, W) masks of normal anatomy the dataset writers
              need: fundus "fov" and "optic_disc"; OCT "retina" (ILM to RPE).

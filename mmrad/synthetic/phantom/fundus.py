@@ -48,7 +48,7 @@ segmental change, AV nicking), or on top of the finished picture (``_TOP``).
 No lesion is a colour jitter, channel shuffle or rotation of an image region:
 those are what training-time anomaly simulation does. The mask of a lesion is
 where it is visible, and its area aims at the kind's ``target_fraction`` from
-``mmrad.symptoms`` (jittered), with a floor so tiny lesions survive resizing.
+``mmrad.data.symptoms`` (jittered), with a floor so tiny lesions survive resizing.
 """
 
 from __future__ import annotations
@@ -1209,7 +1209,7 @@ _LESIONS: dict[str, tuple[str, Callable]] = {
     "microaneurysm": (_TOP, _microaneurysm),
 }
 _JITTER = {"retinal_whitening": (0.75, 1.3)}
-assert set(_LESIONS) == set(symptoms.FUNDUS_KINDS), "lesion painters out of step with mmrad.symptoms"
+assert set(_LESIONS) == set(symptoms.FUNDUS_KINDS), "lesion painters out of step with mmrad.data.symptoms"
 
 
 def _apply_lesions(scene: _Scene, eye: Eye, kinds: list[str], stage: str, masks: dict[str, np.ndarray]) -> None:

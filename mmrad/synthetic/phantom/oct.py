@@ -38,7 +38,7 @@ shadows, then attenuation with depth. Finally the linear signal plus a noise
 floor is multiplied by speckle (exponential intensity, horizontally
 correlated, scaled in log space per style) and log-compressed into uint8.
 
-Lesions (``mmrad.symptoms.OCT_KINDS``) work in two phases: first they edit
+Lesions (``mmrad.data.symptoms.OCT_KINDS``) work in two phases: first they edit
 the boundary curves / layer levels inside a compact column window (exactly
 zero outside it), then, after the layers are rendered, they paint their own
 2-D structure (cysts, membranes, fluid) and return their pixel mask. Every

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmrad.data.datasets import idrid, mmr, resc
 from mmrad.core.errors import DataError
-
+from mmrad.data.datasets import idrid, mmr, resc
 
 # --- MMR -------------------------------------------------------------------------------
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmrad.data.datasets import labelme
 from mmrad.core.errors import DataError
+from mmrad.data.datasets import labelme
 
 IDS = set(range(1, 10))
 

@@ -1,4 +1,4 @@
-"""Tests of mmrad.metrics: hand-built cases with closed-form answers, properties
+"""Tests of mmrad.evaluation.metrics: hand-built cases with closed-form answers, properties
 (monotone invariance, range), a brute-force AU-PRO reference, and bad input.
 
 hypothesis is not installed in this environment, so the property tests are

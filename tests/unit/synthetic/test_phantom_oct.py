@@ -1,4 +1,4 @@
-"""Tests of the synthetic OCT B-scan renderer (mmrad.phantom.oct)."""
+"""Tests of the synthetic OCT B-scan renderer (mmrad.synthetic.phantom.oct)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Anomaly simulation (mmrad.simulate): pi / phi / twist behaviour, in numbers.
+"""Anomaly simulation (mmrad.training.anomaly_simulation): pi / phi / twist behaviour, in numbers.
 
 Most tests use small synthetic pictures with a known imaged area, textured
 so that every transform (Rotate included) visibly changes a region:
