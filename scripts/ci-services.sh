@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The services the real-server tests need, installed idempotently: PostgreSQL's
-# binaries (Debian's postgresql package), for tests/test_servers_postgres.py.
+# binaries (Debian's postgresql package), for tests/system/test_servers_postgres.py.
 #
 # It installs only and starts nothing: the tests' fixture (tests/servers.py)
 # initdb's its own throwaway cluster in a temporary folder, runs it on a free

@@ -13,7 +13,7 @@ anomaly of case j of step k is seeded by (seed, step, j), not by the
 process). Every loss is a mean over equally sized shards, so the averaged
 gradient is the one-process gradient; the trained weights and the logged
 losses equal the one-process run up to floating-point summation order
-(tests/test_distributed.py: 2 gloo processes vs 1). Only rank 0 writes
+(tests/unit/training/test_distributed.py: 2 gloo processes vs 1). Only rank 0 writes
 checkpoints, the model, metrics and logs.
 """
 
