@@ -111,6 +111,8 @@ def write_image(path: str | Path, array: np.ndarray, jpeg_quality: int = 92) -> 
     image = Image.fromarray(array)
     suffix = path.suffix.lower()
     if suffix in (".jpg", ".jpeg"):
+        # libjpeg-turbo's default accurate integer DCT: its C, SSE2 and AVX2 code write the same bytes
+        # (docs/decisions.md, "Same bytes on every machine"); the float DCT may not.
         image.save(path, quality=jpeg_quality, subsampling=0)
     elif suffix in (".tif", ".tiff"):
         image.save(path, compression="tiff_deflate")

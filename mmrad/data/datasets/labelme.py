@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
-from skimage import measure
+from skimage import measure  # find_contours only (exact on 0/1 masks)
 
 from mmrad.core.errors import DataError
 from mmrad.core.io import atomic_write_text
@@ -159,7 +159,7 @@ def masks_to_shapes(masks: dict[int, np.ndarray], tolerance: float = 0.6) -> lis
         filled = ndimage.binary_fill_holes(masks[class_id])
         padded = np.pad(filled, 1).astype(float)
         for contour in measure.find_contours(padded, 0.5):
-            contour = measure.approximate_polygon(contour - 1.0, tolerance)[:-1]  # drop the closing repeat
+            contour = simplify_polygon(contour - 1.0, tolerance)[:-1]  # drop the closing repeat
             if len(contour) < 3:
                 continue
             h, w = filled.shape
@@ -167,6 +167,44 @@ def masks_to_shapes(masks: dict[int, np.ndarray], tolerance: float = 0.6) -> lis
             shapes.append({"label": str(class_id), "points": points, "group_id": None,
                            "description": "", "shape_type": "polygon", "flags": {}})
     return shapes
+
+
+def simplify_polygon(coords: np.ndarray, tolerance: float) -> np.ndarray:
+    """Douglas-Peucker simplification of a (K, 2) chain, with the same result on every CPU.
+
+    The algorithm of ``skimage.measure.approximate_polygon``, but without its
+    trigonometry: skimage measures point-to-line distances through np.arctan2,
+    np.sin and np.cos, whose last bits depend on the CPU's SIMD code path, and
+    contour points on the half-pixel grid are very often equally far from a
+    line, so the vertex kept (the first of the farthest) changed between an
+    AVX512 and an AVX2 machine. Here the distance is |cross product| / length,
+    exact on that grid up to one shared division, so ties stay ties.
+    """
+    coords = np.asarray(coords, dtype=np.float64)
+    if tolerance <= 0 or len(coords) < 3:
+        return coords
+    keep = np.zeros(len(coords), bool)
+    keep[0] = keep[-1] = True
+    stack = [(0, len(coords) - 1)]
+    while stack:
+        start, end = stack.pop()
+        if end - start < 2:
+            continue
+        (r0, c0), (r1, c1) = coords[start], coords[end]
+        dr, dc = r1 - r0, c1 - c0
+        inner = coords[start + 1:end]
+        dr0, dc0 = inner[:, 0] - r0, inner[:, 1] - c0
+        dr1, dc1 = inner[:, 0] - r1, inner[:, 1] - c1
+        # Beside the segment: distance to the line; beyond its ends: to the nearer end point.
+        perp = (dr0 * dr + dc0 * dc > 0) & (-dr1 * dr - dc1 * dc > 0)
+        length = np.sqrt(dr * dr + dc * dc)
+        ends = np.sqrt(np.minimum(dr0 * dr0 + dc0 * dc0, dr1 * dr1 + dc1 * dc1))
+        dist = np.where(perp, np.abs(dr0 * dc - dc0 * dr) / (length if length > 0 else 1.0), ends)
+        if (dist > tolerance).any():
+            split = start + 1 + int(np.argmax(dist))
+            keep[split] = True
+            stack += [(split, end), (start, split)]
+    return coords[keep]
 
 
 def write(path: Path, image_name: str, height: int, width: int, shapes: list[dict]) -> None:

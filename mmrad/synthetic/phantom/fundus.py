@@ -65,6 +65,7 @@ from scipy.spatial import cKDTree
 from scipy.special import ndtri
 
 from mmrad.data import symptoms
+from mmrad.synthetic.phantom import stable
 from mmrad.synthetic.phantom.eye import Eye, Rendered, check_request
 
 STYLES = ("visucam", "idrid")
@@ -88,8 +89,8 @@ _K_ARTERY = np.array([0.28, 0.85, 0.65], np.float32)
 _K_NEW_VESSEL = np.array([0.55, 1.40, 1.00], np.float32)
 # Vessel coverage is kept as uint8 (0..255); these tables turn it into per-channel transmission.
 _LEVELS = np.arange(256, dtype=np.float32) / 255
-_T_VEIN = np.exp(-_K_VEIN[:, None] * _LEVELS)  # (3, 256)
-_T_ARTERY = np.exp(-_K_ARTERY[:, None] * _LEVELS)
+_T_VEIN = stable.exp(-_K_VEIN[:, None] * _LEVELS)  # (3, 256)
+_T_ARTERY = stable.exp(-_K_ARTERY[:, None] * _LEVELS)
 
 # Stages at which a lesion is composited (see module docstring).
 _BASE, _VESSELS, _TOP = "base", "vessels", "top"
@@ -157,10 +158,10 @@ def _blob(dx, dy, radius: float, aspect: float, angle: float, harmonics: np.ndar
     u = (dx * c + dy * s) / math.sqrt(aspect)
     v = (-dx * s + dy * c) * math.sqrt(aspect)
     rho = np.hypot(u, v)
-    theta = np.arctan2(v, u)
+    theta = stable.arctan2(v, u)
     border = np.ones_like(rho)
     for k, (amp, phase) in enumerate(harmonics, start=2):
-        border += amp * np.cos(k * theta + phase)
+        border += amp * stable.cos(k * theta + phase)
     d = rho / (radius * border)
     if jitter is not None:
         d = d + jitter
@@ -279,7 +280,7 @@ def _branch_plan(rng, width: np.ndarray, n: int, depth: int, density: float, tap
     branches a list of (row, point index, child width, turn angle).
     """
     m = len(width)
-    widths = width[:, None] * taper ** np.arange(n)
+    widths = width[:, None] * stable.power(taper, np.arange(n), np.float64)
     plan = _BRANCHING[depth]
     if plan is None:
         return widths, []
@@ -292,7 +293,8 @@ def _branch_plan(rng, width: np.ndarray, n: int, depth: int, density: float, tap
     rows, cols = np.nonzero(at < n - 2)
     idx = at[rows, cols]
     drop = np.ones((m, n))
-    drop[rows, idx + 1] = (1.0 - ratios[rows, cols] ** 3) ** (1.0 / 3.0)
+    ratio = ratios[rows, cols]
+    drop[rows, idx + 1] = stable.power(1.0 - ratio * ratio * ratio, 1.0 / 3.0, np.float64)
     widths *= np.cumprod(drop, 1)
     child = widths[rows, idx] * ratios[rows, cols]
     keep = child >= _MIN_WIDTH
@@ -357,7 +359,7 @@ def _grow_free(rng, start: np.ndarray, heading: np.ndarray, depth: int) -> np.nd
     eps = rng.standard_normal((len(start), n)) * (0.028 if depth == 1 else 0.036)
     curvature = lfilter([1.0], [1.0, -0.8], eps, axis=1)
     theta = heading[:, None] + lfilter([1.0], [1.0, -0.94], curvature, axis=1)
-    steps = _STEP * np.stack([np.cos(theta), np.sin(theta)], -1)
+    steps = _STEP * np.stack([stable.cos(theta, np.float64), stable.sin(theta, np.float64)], -1)
     return np.concatenate([start[:, None], start[:, None] + np.cumsum(steps, 1)], 1)
 
 
@@ -452,7 +454,7 @@ def _coverage(vessels: Sequence[_Vessel], shape: tuple[int, int], origin: tuple[
     layers = ((1.0, 0.62), (0.5, 1.0)) if core else ((1.0, 1.0),)
     for v in vessels:
         p = (v.pts - shift + 0.5) * ss - 0.5
-        density = np.clip(v.width / (_FULL_DENSITY_WIDTH * r), 0.12, 1.0) ** 0.8
+        density = stable.power(np.clip(v.width / (_FULL_DENSITY_WIDTH * r), 0.12, 1.0), 0.8, np.float64)
         for scale, weight in layers:
             wc = v.width * (ss * width_scale * scale)
             if scale < 1 and wc.max() < 3:
@@ -536,7 +538,7 @@ def _background(eye: Eye, geo: _Geometry, rng: np.random.Generator):
     illum = (1.0 - 0.5 * rr2 * (0.55 + 0.45 * rr2)) * (1.0 + 0.06 * low)
     # Tigroid pattern: bright ridges along the zero crossings of a smooth field,
     # stronger in light / older eyes and toward the periphery.
-    tigroid = np.exp(-(choroid * np.float32(1 / 0.35)) ** 2)
+    tigroid = stable.exp(-(choroid * np.float32(1 / 0.35)) ** 2)
     tigroid *= np.sqrt(rr2) * np.float32(0.05 + 0.10 * (1 - eye.pigmentation) * (0.4 + eye.age))
     texture = illum * (0.03 * mid + 0.03 * fine - 0.6 * tigroid)
     colour = _fundus_colour(eye.pigmentation)
@@ -558,12 +560,12 @@ def _macula(rgb: np.ndarray, eye: Eye, geo: _Geometry) -> None:
         return
     sl, dx, dy = win
     d2 = (dx * dx + dy * dy) / np.float32(dd * dd)
-    macula = np.exp(-d2 / (2 * 0.95**2))
-    fovea = np.exp(-d2 / (2 * 0.22**2))
+    macula = stable.exp(-d2 / (2 * 0.95**2))
+    fovea = stable.exp(-d2 / (2 * 0.22**2))
     crop = rgb[:, sl[0], sl[1]]
     crop *= 1 - _col([0.20, 0.33, 0.30]) * macula - _col([0.15, 0.22, 0.18]) * fovea
-    reflex = np.exp(-d2 / (2 * 0.035**2)) * (0.35 * (1 - 0.5 * eye.age))
-    ring = np.exp(-((np.sqrt(d2) - 1.25) / 0.1) ** 2) * (0.035 * (1 - eye.age))
+    reflex = stable.exp(-d2 / (2 * 0.035**2)) * (0.35 * (1 - 0.5 * eye.age))
+    ring = stable.exp(-((np.sqrt(d2) - 1.25) / 0.1) ** 2) * (0.035 * (1 - eye.age))
     crop += _col([1.0, 0.95, 0.85]) * (reflex + ring)
 
 
@@ -955,9 +957,9 @@ def _av_crossing(scene: _Scene, rng, area: float) -> np.ndarray:
     d = s - s0  # signed distance along the vein; > 0 is distal (away from the disc)
     wv = float(np.interp(s0, s, vein.width))
     taper = rng.uniform(2.5, 4.0) * wv
-    nick = np.clip((np.abs(d) - 0.5 * wa) / taper, 0, 1) ** 0.8
+    nick = stable.power(np.clip((np.abs(d) - 0.5 * wa) / taper, 0, 1), 0.8, np.float64)
     factor = 0.05 + 0.95 * nick
-    bank = rng.uniform(0.4, 0.6) * np.exp(-((d - taper - 4.0 * wv) / (4.0 * wv)) ** 2)
+    bank = rng.uniform(0.4, 0.6) * stable.exp(-((d - taper - 4.0 * wv) / (4.0 * wv)) ** 2, np.float64)
     factor = factor + bank
     new = replace(vein, width=vein.width * factor)
     rad = math.sqrt(area / math.pi)
@@ -1014,7 +1016,7 @@ def _haemorrhage(scene: _Scene, rng, area: float) -> np.ndarray:
                 c, s_ = math.cos(angle), math.sin(angle)
                 u = (dx * c + dy * s_) / (rad * math.sqrt(aspect))
                 v = (-dx * s_ + dy * c) / (rad / math.sqrt(aspect))
-                alpha = alpha * _smoothstep(1.0, 0.3, u + 0.6 * np.abs(v)) * (0.8 + 0.2 * np.cos(2.5 * v + phase))
+                alpha = alpha * _smoothstep(1.0, 0.3, u + 0.6 * np.abs(v)) * (0.8 + 0.2 * stable.cos(2.5 * v + phase))
                 alpha = np.clip(alpha * 1.3, 0, 1)
             return sl, alpha
 
@@ -1041,7 +1043,7 @@ def _cotton_wool(scene: _Scene, rng, area: float) -> np.ndarray:
         v = arcades[int(rng.integers(len(arcades)))]
         i = int(rng.integers(8, min(len(v.pts) - 1, 70)))
         normal = np.array([-(v.pts[i + 1, 1] - v.pts[i, 1]), v.pts[i + 1, 0] - v.pts[i, 0]])
-        normal /= np.linalg.norm(normal) + 1e-9
+        normal /= math.hypot(*normal) + 1e-9  # not np.linalg.norm: BLAS kernels differ per CPU
         harm = _harmonics(rng, 6, 0.5)
         rad0 = _blob_radius(a, harm)
         x, y = v.pts[i] + normal * rng.uniform(-1.2, 1.2) * rad0
@@ -1064,7 +1066,7 @@ def _cotton_wool(scene: _Scene, rng, area: float) -> np.ndarray:
             continue
         sl, alpha = out
         # Opaque, slightly lumpy centre fading into feathery, translucent edges.
-        body = alpha**0.8 * (0.74 + 0.14 * _upsampled_noise(rng, (5, 5), alpha.shape))
+        body = stable.power(alpha, 0.8) * (0.74 + 0.14 * _upsampled_noise(rng, (5, 5), alpha.shape))
         _paint(scene.img, sl, np.clip(body, 0, 0.92), (0.90, 0.86, 0.78))
         mask[sl] |= alpha > 0.5
     return mask & scene.fov
@@ -1092,7 +1094,7 @@ def _embolus(scene: _Scene, rng, area: float) -> np.ndarray:
     angle = math.atan2(direction[1], direction[0])
     across = max(0.75 * float(vessel.width[i]), 0.9)  # plaques look wider than the vessel
     along = max(area / (math.pi * across), across * 1.2)
-    x, y = vessel.pts[i] + direction / (np.linalg.norm(direction) + 1e-9) * along * 0.4
+    x, y = vessel.pts[i] + direction / (math.hypot(*direction) + 1e-9) * along * 0.4
     win = _window(scene.shape, x, y, along + 3)
     sl, dx, dy = win
     aspect = along / across
@@ -1148,7 +1150,7 @@ def _neovascularisation(scene: _Scene, rng, area: float) -> np.ndarray:
             if mask.sum() >= area:
                 break
     cov = np.asarray(canvas.reduce(ss).filter(ImageFilter.GaussianBlur(0.4)), np.float32) / 255
-    scene.img[:, sl[0], sl[1]] *= np.exp(-_K_NEW_VESSEL.reshape(3, 1, 1) * np.clip(cov * 1.6, 0, 1.2))
+    scene.img[:, sl[0], sl[1]] *= stable.exp(-_K_NEW_VESSEL.reshape(3, 1, 1) * np.clip(cov * 1.6, 0, 1.2))
     full = np.zeros(scene.shape, bool)
     full[sl] = mask
     return full

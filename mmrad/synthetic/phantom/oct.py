@@ -49,6 +49,7 @@ lesion are byte-identical with and without it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -57,6 +58,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.special import beta
 
 from mmrad.data.symptoms import MMR_OCT, OCT_KINDS, RESC_LESIONS
+from mmrad.synthetic.phantom import stable
 from mmrad.synthetic.phantom.eye import Eye, Rendered, check_request
 
 __all__ = ["render_oct"]
@@ -135,14 +137,14 @@ def _smooth_wave(rng: np.random.Generator, x: np.ndarray, W: int, amp: float, ma
     phases = rng.uniform(0, 2 * np.pi, 4)
     weights = rng.normal(0, 1, 4)
     u = x / W
-    wave = sum(w * np.sin(2 * np.pi * f * u + p) for w, f, p in zip(weights, freqs, phases))
+    wave = sum(w * stable.sin(2 * np.pi * f * u + p) for w, f, p in zip(weights, freqs, phases))
     return (amp * wave / 2.0).astype(F32)
 
 
 def _taper(x: np.ndarray, centre: float, half: float, edge: float) -> np.ndarray:
     """1 for |x - centre| <= half - edge, raised cosine down to exactly 0 at ``half``."""
     t = np.clip((half - np.abs(x - centre)) / max(edge, 1e-3), 0.0, 1.0)
-    return (0.5 - 0.5 * np.cos(np.pi * t)).astype(F32)
+    return (0.5 - 0.5 * stable.cos(np.pi * t)).astype(F32)
 
 
 def _dome(x: np.ndarray, centre: float, half: float, power: float) -> np.ndarray:
@@ -151,7 +153,7 @@ def _dome(x: np.ndarray, centre: float, half: float, power: float) -> np.ndarray
     Small powers give steep-walled domes (PED), larger ones flat lenses (SRF).
     """
     s = (x - centre) / max(half, 1e-3)
-    return (np.clip(1.0 - s * s, 0.0, None) ** power).astype(F32)
+    return stable.power(np.clip(1.0 - s * s, 0.0, None), power)
 
 
 def _dome_lift(scene: "_Scene", rng: np.random.Generator, area: float, um_per_mm: tuple[float, float],
@@ -198,7 +200,7 @@ def _add_line(g: np.ndarray, curve: np.ndarray, sigma: float, amp, cols: slice =
     if lo >= hi:
         return
     rows = np.arange(lo, hi, dtype=F32)[:, None]
-    g[lo:hi, cols] += amp * np.exp(-0.5 * ((rows - c) / sigma) ** 2)
+    g[lo:hi, cols] += amp * stable.exp(-0.5 * ((rows - c) / sigma) ** 2)
 
 
 def _max_line(g: np.ndarray, curve: np.ndarray, sigma: float, level_db: float, win: np.ndarray) -> None:
@@ -215,7 +217,7 @@ def _max_line(g: np.ndarray, curve: np.ndarray, sigma: float, level_db: float, w
     c = curve[c0:c1]
     lo, hi = _row_span(g.shape[0], c, pad=int(3 * sigma) + 2)
     rows = np.arange(lo, hi, dtype=F32)[:, None]
-    line = level_db + 10.0 * np.log10(np.maximum(win[c0:c1], 1e-6)) - 4.343 * ((rows - c) / sigma) ** 2
+    line = level_db + 10.0 * stable.log10(np.maximum(win[c0:c1], 1e-6)) - 4.343 * ((rows - c) / sigma) ** 2
     np.maximum(g[lo:hi, c0:c1], line, out=g[lo:hi, c0:c1])
 
 
@@ -245,7 +247,7 @@ def _ensure_nonempty(mask: np.ndarray, row: float, col: float) -> np.ndarray:
 
 def _pit(r: np.ndarray, radius: float, residual: float) -> np.ndarray:
     """Smooth foveal pit factor: ``residual`` at r=0 rising to 1 (sloping walls)."""
-    return (1.0 - (1.0 - residual) * np.exp(-((np.abs(r) / radius) ** 2.4))).astype(F32)
+    return (1.0 - (1.0 - residual) * stable.exp(-stable.power(np.abs(r) / radius, 2.4))).astype(F32)
 
 
 def _thicknesses_um(eye: Eye, r: np.ndarray, nasal: int) -> list[np.ndarray]:
@@ -255,17 +257,17 @@ def _thicknesses_um(eye: Eye, r: np.ndarray, nasal: int) -> list[np.ndarray]:
     resid = 0.3 * (1.0 - d)  # inner retina left at the foveal centre
     scale_pit = 0.85 + 0.3 * d  # deeper pits are also a bit wider
     a = np.abs(r)
-    bump = np.exp(-((r / 0.8) ** 2))  # central ONL bulge (wider than the pit: smooth floor)
+    bump = stable.exp(-((r / 0.8) ** 2))  # central ONL bulge (wider than the pit: smooth floor)
     rnfl = np.where(rn > 0, 16 + 26 * rn, 16 + 3 * np.abs(rn))
     rnfl = np.minimum(rnfl, 120) * _pit(r, 0.9 * scale_pit, resid * 0.5)
-    gcl = 58 * _pit(r, 0.7 * scale_pit, resid) * np.exp(-np.maximum(a - 1.2, 0) / 3.0)
-    ipl = 42 * _pit(r, 0.65 * scale_pit, resid) * np.exp(-np.maximum(a - 1.3, 0) / 5.0)
-    inl = 36 * _pit(r, 0.55 * scale_pit, resid) * np.exp(-np.maximum(a - 1.5, 0) / 6.0)
+    gcl = 58 * _pit(r, 0.7 * scale_pit, resid) * stable.exp(-np.maximum(a - 1.2, 0) / 3.0)
+    ipl = 42 * _pit(r, 0.65 * scale_pit, resid) * stable.exp(-np.maximum(a - 1.3, 0) / 5.0)
+    inl = 36 * _pit(r, 0.55 * scale_pit, resid) * stable.exp(-np.maximum(a - 1.5, 0) / 6.0)
     opl = 12 + 14 * _pit(r, 0.45 * scale_pit, 0.0)
-    onl = (68 + 22 * bump) * np.exp(-np.maximum(a - 2.0, 0) / 8.0)
+    onl = (68 + 22 * bump) * stable.exp(-np.maximum(a - 2.0, 0) / 8.0)
     myoid = np.full_like(r, 24.0)
     ez = np.full_like(r, 11.0)
-    os_ = 20 + 10 * np.exp(-((r / 0.6) ** 2))  # longer foveal cone outer segments
+    os_ = 20 + 10 * stable.exp(-((r / 0.6) ** 2))  # longer foveal cone outer segments
     iz = np.full_like(r, 8.0)
     gap = np.full_like(r, 3.0)
     rpe = np.full_like(r, 19.0)
@@ -343,7 +345,7 @@ def _choroid_map(scene: _Scene, rng: np.random.Generator) -> np.ndarray:
     cmap = np.zeros((max(depth, 4), W), dtype=F32)
     rows = np.arange(cmap.shape[0], dtype=F32)[:, None]
     # Choriocapillaris slightly bright, stroma fading with depth.
-    cmap += 2.0 * np.exp(-rows / max(8 * scene.px_per_um, 0.8)) - 0.012 * rows / scene.px_per_um
+    cmap += 2.0 * stable.exp(-rows / max(8 * scene.px_per_um, 0.8)) - 0.012 * rows / scene.px_per_um
     # Vessel lumens: Sattler (inner, small, dense) then Haller (outer, large) layer.
     n_mm = scene.style.scan_mm
     for layer_frac, size_frac, per_mm in ((0.32, (0.07, 0.13), 14), (0.64, (0.12, 0.22), 8)):
@@ -442,7 +444,8 @@ def _attenuation_db(scene: _Scene, age: float) -> np.ndarray:
     per_um = 0.012 + 0.012 * age
     att = (per_um / scene.px_per_um) * np.maximum(rows - scene.healthy[B_ILM], 0.0)
     att += (0.012 / scene.px_per_um) * np.maximum(rows - scene.healthy[B_BRUCH], 0.0)
-    lateral = ((scene.x / W - 0.5) * 2) ** 4 * 2.5  # slight vignetting at the scan ends
+    lateral = ((scene.x / W - 0.5) * 2) ** 2
+    lateral = lateral * lateral * 2.5  # slight vignetting at the scan ends (u**4 as two exact squares)
     att += (5.0 + 5.0 * age) * (rows / H) ** 2 + lateral
     return att
 
@@ -455,15 +458,15 @@ def _speckle_db(rng: np.random.Generator, H: int, W: int) -> np.ndarray:
     s[:, :-1] += 0.25 * e[:, 1:]
     s[:, 0] += 0.25 * e[:, 0]
     s[:, -1] += 0.25 * e[:, -1]
-    sdb = 10.0 * np.log10(s + 1e-6)
+    sdb = 10.0 * stable.log10(s + 1e-6)
     return sdb + F32(1.2)  # mean of 10 log10 of this mixture is about -1.2 dB
 
 
 def _to_uint8(g_db: np.ndarray, speckle_db: np.ndarray, style: _Style, noise_db: float) -> np.ndarray:
     """Signal + noise floor, speckle, log compression -> uint8."""
-    lin = np.power(F32(10.0), g_db * F32(0.1))
+    lin = stable.power(10.0, g_db * F32(0.1))
     lin += F32(10.0 ** (noise_db / 10.0))
-    out = F32(10.0) * np.log10(lin) + style.speckle * speckle_db
+    out = F32(10.0) * stable.log10(lin) + style.speckle * speckle_db
     out = (out - style.black_db) * F32(255.0 / (style.white_db - style.black_db))
     return np.clip(out, 0, 255).astype(np.uint8)
 
@@ -485,7 +488,7 @@ Paint = Callable[[np.ndarray], np.ndarray]
 
 def _area_px(kind: str, H: int, W: int, rng: np.random.Generator) -> float:
     """Target lesion area in pixels: table fraction x log-uniform jitter in [0.5, 2], with a floor."""
-    jitter = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
+    jitter = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
     return max(_TARGET_FRACTION[kind] * jitter, _MIN_FRACTION) * H * W
 
 
@@ -719,7 +722,7 @@ def _lesion_vitreous_erm(scene: _Scene, rng: np.random.Generator, area: float) -
         attach = scene.fovea_col + rng.normal(0, 0.2) * scene.px_per_mm
         rise = rng.uniform(0.06, 0.16) * H
         d = np.abs(x - attach) / max(length, 1.0)
-        gap = rise * np.clip(d - 0.08, 0, None) ** 1.3 + _smooth_wave(rng, x, W, 0.01 * H, 3.0) * np.clip(d * 4, 0, 1)
+        gap = rise * stable.power(np.clip(d - 0.08, 0, None), 1.3) + _smooth_wave(rng, x, W, 0.01 * H, 3.0) * np.clip(d * 4, 0, 1)
         level = rng.uniform(-15, -9)  # faint posterior hyaloid
     else:
         centre = scene.col_of_mm(rng.uniform(-1.2, 1.2))
