@@ -29,6 +29,7 @@ def tiny_params_dict(**overrides) -> dict:
     raw["prepare"].update(resolution=64, workers=1)
     raw["model"].update(image_size=64, cnn="resnet18")  # the same code, small enough for unit tests
     raw["train"].update(steps=6, batch_size=2, checkpoint_every=3, threads=0)
+    raw["evaluation"].update(bootstrap=200, bins=256)
     for key, value in overrides.items():
         raw[key] = value
     return raw

@@ -83,6 +83,9 @@ class Model(_Strict):
     cnn_count: Annotated[int, Field(ge=1, le=4)]
     fusion_order: tuple[Literal["fundus", "oct"], Literal["fundus", "oct"]]
     token_init: Literal["pretrained", "normal", "kaiming"]
+    position_init: Literal["sincos", "zero"]
+    cnn_norm: Literal["rms", "none"]
+    fusion_norm: Literal["running", "none"]
 
 
 class WeightFile(_Strict):
@@ -96,9 +99,54 @@ class Weights(_Strict):
     resnets: list[WeightFile | None]  # one per CNN of the LPT; missing entries stay random
 
 
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class PairShares(_Strict):
+    fundus_only: Annotated[float, Field(ge=0.0)]
+    oct_only: Annotated[float, Field(ge=0.0)]
+    both: Annotated[float, Field(ge=0.0)]
+
+    @model_validator(mode="after")
+    def _some_share(self) -> "PairShares":
+        if self.fundus_only + self.oct_only + self.both <= 0:
+            raise ValueError("at least one pair share must be positive")
+        return self
+
+
 class Simulation(_Strict):
-    probability: float = Field(ge=0.0, le=1.0)
+    probability: Fraction
+    pairing: Literal["pair", "independent"]
+    pair_shares: PairShares
     transforms: Literal["channel_shuffle", "rgb_shift", "rotate", "composition"]
+    composition_n: tuple[Annotated[int, Field(ge=1, le=4)], Annotated[int, Field(ge=1, le=4)]]
+    min_area: float = Field(gt=0.0, lt=1.0)
+    max_area: float = Field(gt=0.0, lt=1.0)
+    max_blobs: Count
+    max_aspect: float = Field(ge=1.0)
+    twist_shear: float = Field(ge=0.0, le=90.0)
+    twist_alpha: float = Field(ge=0.0)
+    twist_sigma: float = Field(gt=0.0)
+    rgb_shift: Annotated[int, Field(ge=0, le=255)]
+    jitter: float = Field(ge=0.0, le=1.0)
+    hue: float = Field(ge=0.0, le=0.5)
+    rotate_min: float = Field(ge=0.0, le=180.0)
+    min_change: Annotated[int, Field(ge=1, le=765)]
+    min_changed_fraction: Fraction
+    min_mean_change: float = Field(ge=0.0, le=255.0)
+    max_attempts: Count
+    fundus_threshold: Annotated[int, Field(ge=0, le=254)]
+    oct_threshold: Annotated[int, Field(ge=0, le=254)]
+    margin: float = Field(ge=0.0, lt=0.5)
+    oct_gray: bool
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "Simulation":
+        if self.min_area > self.max_area:
+            raise ValueError(f"min_area ({self.min_area}) must not exceed max_area ({self.max_area})")
+        if self.composition_n[0] > self.composition_n[1]:
+            raise ValueError(f"composition_n must be [min, max] with min <= max, got {list(self.composition_n)}")
+        return self
 
 
 class Train(_Strict):
@@ -106,6 +154,7 @@ class Train(_Strict):
     steps: Count
     batch_size: Count
     lr: float = Field(gt=0)
+    head_lr_scale: float = Field(gt=0)  # the fusion head's learning rate = lr * this
     betas: tuple[float, float]
     weight_decay: float = Field(ge=0)
     loss: Literal["ce", "focal", "dice"]
@@ -120,6 +169,12 @@ class Baselines(_Strict):
     patchcore_coreset_ratio: float = Field(gt=0.0, le=1.0)
 
 
+class Evaluation(_Strict):
+    bootstrap: Annotated[int, Field(ge=0, le=100_000)]  # case-level bootstrap replicates; 0: no intervals
+    bins: Annotated[int, Field(ge=16, le=1_000_000)]  # score bins of the pixel metrics' replicates
+    degenerate_spread: float = Field(ge=0.0, lt=1.0)  # relative range of a case score below this: flagged
+
+
 class GateRule(_Strict):
     min_gain: float = Field(ge=0.0, le=1.0)  # a gain of at least this counts as an improvement
     max_regression: float = Field(ge=0.0, le=1.0)  # a loss of more than this fails the gate
@@ -129,6 +184,7 @@ class Tracking(_Strict):
     experiment: Annotated[str, Field(min_length=1)]
     model_name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
     gate: dict[str, GateRule]
+    significance: float = Field(gt=0.0, lt=1.0)  # familywise level of the gate's paired tests (Bonferroni)
 
     @field_validator("gate")
     @classmethod
@@ -148,6 +204,7 @@ class Params(_Strict):
     simulation: Simulation
     train: Train
     baselines: Baselines
+    evaluation: Evaluation
     tracking: Tracking
 
     @field_validator("datasets")

@@ -29,20 +29,23 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from sklearn.metrics import roc_curve
 
 from mmrad.core.io import atomic_dir
-from mmrad.core.params import Params
+from mmrad.core.params import Evaluation, Params
 from mmrad.data import symptoms
 from mmrad.data.splits import SplitData
 from mmrad.data.symptoms import FUNDUS, OCT
-from mmrad.evaluation import methods, metrics, scorers
+from mmrad.evaluation import compare, methods, metrics, scorers, uncertainty
 from mmrad.evaluation.inference import Predictions
 from mmrad.evaluation.plots import save_overlays
 
 log = logging.getLogger(__name__)
 
 CURVE_POINTS = 200  # points kept per curve for plots (full curves have millions)
+REPLICATES = compare.REPLICATES
 
 
 def _downsample(x: np.ndarray, y: np.ndarray, n: int = CURVE_POINTS) -> tuple[np.ndarray, np.ndarray]:
@@ -52,38 +55,91 @@ def _downsample(x: np.ndarray, y: np.ndarray, n: int = CURVE_POINTS) -> tuple[np
     return grid, np.interp(grid, x, y)
 
 
-def evaluate_predictions(test: SplitData, predictions: Predictions) -> tuple[dict, dict]:
-    """(metrics, curves) of one method on one test set."""
+def spread(scores: np.ndarray) -> float:
+    """Range of a case score across the test set relative to its magnitude (0 for a constant score)."""
+    s = np.asarray(scores, dtype=np.float64)
+    scale = max(float(np.abs(s).max()), 1e-12)
+    return float((s.max() - s.min()) / scale)
+
+
+class _Intervals:
+    """Collects each metric's bootstrap replicates (same case resamples for every metric and method) and its
+    95 % interval; ``flat`` names them as MLflow does (``fundus.pixel_auroc``, ``detection.fusion``)."""
+
+    def __init__(self, labels: np.ndarray, settings: Evaluation, seed: int):
+        self.settings = settings
+        self.weights = uncertainty.case_weights(labels, settings.bootstrap, seed) if settings.bootstrap else None
+        self.tree: dict = {}
+        self.flat: dict[str, np.ndarray] = {}
+
+    def put(self, path: tuple[str, ...], name: str, replicates: np.ndarray, shift: float = 0.0) -> None:
+        low, high = uncertainty.percentile_interval(replicates, shift)
+        node = self.tree
+        for key in path:
+            node = node.setdefault(key, {})
+        node[name] = {"low": round(low, 4), "high": round(high, 4)}
+        self.flat[".".join((*path[1:], name)) if path[0] == "localisation" else ".".join((*path, name))] = \
+            np.asarray(replicates, dtype=np.float64) + shift
+
+    def pixel(self, path: tuple[str, ...], hist, positives: np.ndarray, exact: dict[str, float]) -> None:
+        reps = uncertainty.pixel_replicates(hist, positives, self.weights)
+        for name, values in reps.items():  # row 0: binned value on all cases; shift to the exact one
+            self.put(path, name, values[1:], exact[name] - values[0])
+
+
+def evaluate_predictions(test: SplitData, predictions: Predictions, settings: Evaluation, seed: int,
+                         ) -> tuple[dict, dict, dict[str, np.ndarray]]:
+    """(metrics, curves, bootstrap replicates by flat metric name) of one method on one test set."""
     result: dict = {"dataset": test.dataset, "cases": int(len(test.labels)),
                     "anomalous_cases": int(test.labels.sum()), "localisation": {}, "detection": {},
                     "per_symptom": {}}
     curves: dict[str, dict] = {}
+    ci = _Intervals(test.labels, settings, seed)
     for modality, maps in predictions.maps.items():
         bits = test.masks[modality]
         gt = bits > 0
         loc = {"pixel_auroc": metrics.pixel_auroc(maps, gt), "aupro": metrics.aupro(maps, gt)}
         result["localisation"][modality] = {k: round(v, 4) for k, v in loc.items()}
+        hist = uncertainty.PixelHistograms(maps, ~gt, settings.bins) if ci.weights is not None else None
+        if hist is not None:
+            ci.pixel(("localisation", modality), hist, gt, loc)
         fpr, tpr, _ = roc_curve(gt.ravel(), maps.ravel(), drop_intermediate=True)
         curves[f"roc_{modality}"] = dict(zip(("fpr", "tpr"), _downsample(fpr, tpr)))
         pro_fpr, pro = metrics.pro_curve(maps, gt)
         keep = pro_fpr <= 0.3
         curves[f"pro_{modality}"] = dict(zip(("fpr", "pro"), _downsample(pro_fpr[keep], pro[keep])))
-        result["per_symptom"][modality] = _per_symptom(test.dataset, modality, maps, bits)
+        result["per_symptom"][modality] = _per_symptom(test.dataset, modality, maps, bits, hist, ci)
     if len(np.unique(test.labels)) == 2:
+        degenerate = []
         for name, scores in predictions.scores.items():
-            result["detection"][name] = round(metrics.detection_auroc(scores, test.labels), 4)
+            auc = metrics.detection_auroc(scores, test.labels)
+            result["detection"][name] = round(auc, 4)
+            if spread(scores) < settings.degenerate_spread:
+                degenerate.append(name)
+            if ci.weights is not None:
+                ci.put(("detection",), name, uncertainty.detection_replicates(scores, test.labels, ci.weights))
+        result["score_spread"] = {name: float(f"{spread(s):.4g}") for name, s in predictions.scores.items()}
+        result["degenerate"] = degenerate
         main = "fusion" if "fusion" in predictions.scores else next(iter(predictions.scores))
         fpr, tpr = metrics.roc_curve_points(predictions.scores[main], test.labels)
         curves["roc_detection"] = {"fpr": fpr, "tpr": tpr}
     if len(predictions.embeddings) == 2 and len(test.case_ids) >= 2:
         fundus, oct_ = predictions.embeddings[FUNDUS], predictions.embeddings[OCT]
+        n = len(test.case_ids)
         result["retrieval"] = {"fundus_to_oct_top1": round(metrics.retrieval_top1(fundus, oct_), 4),
                                "oct_to_fundus_top1": round(metrics.retrieval_top1(oct_, fundus), 4),
-                               "chance": round(1 / len(test.case_ids), 4)}
-    return result, curves
+                               "chance": round(1 / n, 4)}
+        for key in ("fundus_to_oct_top1", "oct_to_fundus_top1"):  # a proportion of n queries: Wilson
+            low, high = uncertainty.wilson(result["retrieval"][key] * n, n)
+            ci.tree.setdefault("retrieval", {})[key] = {"low": round(low, 4), "high": round(high, 4)}
+    if ci.weights is not None:
+        result["ci95"] = ci.tree
+        result["uncertainty"] = {"method": "stratified case bootstrap, percentile interval", "level": uncertainty.LEVEL,
+                                 "replicates": settings.bootstrap, "seed": seed, "bins": settings.bins}
+    return result, curves, ci.flat
 
 
-def _per_symptom(dataset: str, modality: str, maps: np.ndarray, bits: np.ndarray) -> dict:
+def _per_symptom(dataset: str, modality: str, maps: np.ndarray, bits: np.ndarray, hist, ci: _Intervals) -> dict:
     """Table 13: each symptom against the anomaly-free pixels, other symptoms ignored."""
     out = {}
     for class_id, symptom in symptoms.table(dataset, modality).items():
@@ -91,17 +147,31 @@ def _per_symptom(dataset: str, modality: str, maps: np.ndarray, bits: np.ndarray
         if not own.any():
             continue
         ignore = (bits > 0) & ~own
+        exact = {"pixel_auroc": metrics.pixel_auroc(maps, own, ignore=ignore),
+                 "aupro": metrics.aupro(maps, own, ignore=ignore)}
         out[str(class_id)] = {"name": symptom.name, "images": int(own.any(axis=(1, 2)).sum()),
-                              "pixel_auroc": round(metrics.pixel_auroc(maps, own, ignore=ignore), 4),
-                              "aupro": round(metrics.aupro(maps, own, ignore=ignore), 4)}
+                              **{k: round(v, 4) for k, v in exact.items()}}
+        if hist is not None:  # the anomaly-free pixels are the same for every symptom: the histograms' own
+            ci.pixel(("per_symptom", modality, str(class_id)), hist, own, exact)
     return out
 
 
+def write_replicates(path: Path, replicates: dict[str, np.ndarray], case_ids: list[str], seed: int) -> None:
+    """The bootstrap replicates as parquet: one column per metric, one row per resample; the metadata names the
+    cases and the seed, so a paired comparison can check that two files resampled the same cases."""
+    table = pa.table({name: pa.array(values, pa.float64()) for name, values in replicates.items()})
+    table = table.replace_schema_metadata({"cases": compare.cases_digest(case_ids), "seed": str(seed)})
+    pq.write_table(table, path)
+
+
 def write_outputs(out: str | Path, result: dict, curves: dict, test: SplitData, predictions: Predictions,
-                  overlays: int = 8) -> None:
-    """metrics.json, scores.csv (per case), plots/*.csv and overlays/*.png under ``out``, atomically."""
+                  replicates: dict[str, np.ndarray] | None = None, seed: int = 0, overlays: int = 8) -> None:
+    """metrics.json, scores.csv (per case), replicates.parquet, plots/*.csv and overlays/*.png under ``out``,
+    atomically."""
     with atomic_dir(out) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        if replicates:
+            write_replicates(tmp / REPLICATES, replicates, test.case_ids, seed)
         (tmp / "plots").mkdir()
         for name, columns in curves.items():
             keys = list(columns)
@@ -122,8 +192,8 @@ def run_evaluation(params: Params, method: str, prepared: str | Path, out: str |
     """The `evaluate`, `baseline` and `transfer` stages: one method of the registry on a prepared test split."""
     spec = methods.get(method)
     test, predictions = getattr(scorers, spec.scorer)(params, prepared, model_path)
-    result, curves = evaluate_predictions(test, predictions)
+    result, curves, replicates = evaluate_predictions(test, predictions, params.evaluation, params.seed)
     result["method"] = method
-    write_outputs(out, result, curves, test, predictions)
+    write_outputs(out, result, curves, test, predictions, replicates, params.seed)
     log.info("evaluate %s: localisation %s, detection %s", method, result["localisation"], result["detection"])
     return result

@@ -14,7 +14,8 @@ from pathlib import Path
 from mmrad.core.errors import DataError
 from mmrad.core.io import atomic_write_text
 from mmrad.core.params import Params
-from mmrad.evaluation.methods import MAIN, METHODS
+from mmrad.evaluation import compare
+from mmrad.evaluation.methods import BASELINES, MAIN, METHODS
 
 # Paper Tables 2, 5, 12, 13 (MMR). (pixel AUC, PRO) per modality, detection AUC.
 PAPER_TABLE2 = {
@@ -42,57 +43,107 @@ def _f(value) -> str:
     return "–" if value is None else f"{value:.4f}"
 
 
-def _detection(result: dict) -> float | None:
+def _main_score(result: dict) -> str:
     """The method's case score: MMRAD's fusion token, a baseline's max of both modalities."""
-    detection = result.get("detection", {})
-    return detection.get("fusion", detection.get("max"))
+    return "fusion" if "fusion" in result.get("detection", {}) else "max"
 
 
-def render(results: dict[str, dict], context: dict, transfer: dict[str, dict] | None = None) -> str:
-    """Markdown from {method key: metrics.json content} (and Table 11's transfer results)."""
+def _detection(result: dict) -> float | None:
+    return result.get("detection", {}).get(_main_score(result))
+
+
+def _v(result: dict, *path: str) -> str:
+    """A metric with its 95 % interval, ``0.9875 [0.981, 0.993]``; a degenerate case score is not a result."""
+    node = result
+    for key in path:
+        node = node.get(key, {}) if isinstance(node, dict) else {}
+    if not isinstance(node, (int, float)):
+        return "–"
+    if path[0] == "detection" and path[-1] in result.get("degenerate", []):
+        return f"degenerate (spread {result.get('score_spread', {}).get(path[-1], 0):.1e})"
+    ci = result.get("ci95", {})
+    for key in path:
+        ci = ci.get(key, {}) if isinstance(ci, dict) else {}
+    if isinstance(ci, dict) and "low" in ci:
+        return f"{node:.4f} [{ci['low']:.3f}, {ci['high']:.3f}]"
+    return f"{node:.4f}"
+
+
+def _p(value: float) -> str:
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def render(results: dict[str, dict], context: dict, transfer: dict[str, dict] | None = None,
+           comparisons: list | None = None) -> str:
+    """Markdown from {method key: metrics.json content}, Table 11's transfer results and the paired
+    comparisons (``mmrad.evaluation.compare.Comparison``, MMRAD first)."""
     lines = ["# MMRAD evaluation report", "",
              f"Data: **{context.get('data', 'unknown')}**. Pretrained weights: **{context.get('weights', 'unknown')}**.",
              "\"paper\" columns are the published numbers on the real MMR dataset with a pretrained SAM; "
              "\"ours\" are this run's. They are not like for like unless the data and weights are.", ""]
+    if context.get("conditions"):
+        lines += ["What this run is, in the paper's terms:", "", *[f"- {c}" for c in context["conditions"]], ""]
+    first = next(iter(results.values()), {})
+    u = first.get("uncertainty")
+    if u:
+        lines += [f"Every figure of ours is followed by its 95 % interval: {u['method']}, {u['replicates']} resamples "
+                  f"of the {first.get('cases', '?')} test cases ({first.get('anomalous_cases', '?')} anomalous), "
+                  f"seed {u['seed']}. Detection comparisons use DeLong's paired test, pixel metrics the paired "
+                  "bootstrap (the same resamples for every method).", ""]
     lines += ["## Table 2: localisation (pixel AUROC / AU-PRO) and detection (AUROC)", "",
               "| method | fundus AUC ours | fundus PRO ours | OCT AUC ours | OCT PRO ours | detection ours "
               "| fundus AUC / PRO paper | OCT AUC / PRO paper | detection paper |",
               "|---|---:|---:|---:|---:|---:|---|---|---:|"]
     for key, result in results.items():
         name = METHODS[key].title if key in METHODS else key
-        loc = result.get("localisation", {})
         paper = PAPER_TABLE2.get(name, {})
         pf, po = paper.get("fundus"), paper.get("oct")
-        lines.append(f"| {name} | {_f(loc.get('fundus', {}).get('pixel_auroc'))} | {_f(loc.get('fundus', {}).get('aupro'))} "
-                     f"| {_f(loc.get('oct', {}).get('pixel_auroc'))} | {_f(loc.get('oct', {}).get('aupro'))} "
-                     f"| {_f(_detection(result))} | {f'{pf[0]:.4f} / {pf[1]:.4f}' if pf else '–'} "
+        lines.append(f"| {name} | {_v(result, 'localisation', 'fundus', 'pixel_auroc')} "
+                     f"| {_v(result, 'localisation', 'fundus', 'aupro')} "
+                     f"| {_v(result, 'localisation', 'oct', 'pixel_auroc')} | {_v(result, 'localisation', 'oct', 'aupro')} "
+                     f"| {_v(result, 'detection', _main_score(result))} | {f'{pf[0]:.4f} / {pf[1]:.4f}' if pf else '–'} "
                      f"| {f'{po[0]:.4f} / {po[1]:.4f}' if po else '–'} | {_f(paper.get('detection'))} |")
     lines += ["", "## Table 5: detection AUROC, single modality vs both", "",
               "| method | fundus only | OCT only | both | paper: fundus / OCT / both |", "|---|---:|---:|---:|---|"]
     for key, result in results.items():
-        name, d = METHODS[key].title if key in METHODS else key, result.get("detection", {})
+        name = METHODS[key].title if key in METHODS else key
         paper = PAPER_TABLE5.get(name)
-        lines.append(f"| {name} | {_f(d.get('fundus_only'))} | {_f(d.get('oct_only'))} | {_f(_detection(result))} "
+        lines.append(f"| {name} | {_v(result, 'detection', 'fundus_only')} | {_v(result, 'detection', 'oct_only')} "
+                     f"| {_v(result, 'detection', _main_score(result))} "
                      f"| {' / '.join(f'{v:.4f}' for v in paper) if paper else '–'} |")
+    if comparisons:
+        lines += ["", "## Paired comparisons (same test cases)", "",
+                  "Difference = first minus second, with its 95 % interval; p: two-sided, H0 no difference.", "",
+                  "| metric | first | second | first | second | difference [95 % CI] | p | test |",
+                  "|---|---|---|---:|---:|---:|---:|---|"]
+        for label_a, label_b, c in comparisons:
+            lines.append(f"| {c.metric} | {label_a} | {label_b} | {c.a:.4f} | {c.b:.4f} | {c.difference:+.4f} "
+                         f"[{c.low:+.3f}, {c.high:+.3f}] | {_p(c.p_value)} | {c.test} |")
     if MAIN in results:
-        d = results[MAIN].get("detection", {})
+        r = results[MAIN]
+        d = r.get("detection", {})
         lines += ["", "## Table 12: MMRAD's fusion token vs other fusions (detection AUROC)", "",
                   "| setting | ours | paper |", "|---|---:|---:|",
-                  f"| maximum of the two image scores | {_f(d.get('max'))} | {PAPER_TABLE12['max']:.4f} |",
-                  f"| mean of the two image scores | {_f(d.get('mean'))} | {PAPER_TABLE12['mean']:.4f} |",
-                  f"| fusion token, fundus then OCT | {_f(d.get('fusion'))} | {PAPER_TABLE12['fusion']:.4f} |"]
+                  f"| maximum of the two image scores | {_v(r, 'detection', 'max')} | {PAPER_TABLE12['max']:.4f} |",
+                  f"| mean of the two image scores | {_v(r, 'detection', 'mean')} | {PAPER_TABLE12['mean']:.4f} |",
+                  f"| fusion token, fundus then OCT | {_v(r, 'detection', 'fusion')} | {PAPER_TABLE12['fusion']:.4f} |"]
         best_single = max((d.get("fundus_only") or 0), (d.get("oct_only") or 0))
-        if d.get("fusion") is not None and d["fusion"] < best_single:
+        if "fusion" in r.get("degenerate", []):
+            lines += ["", f"**Degenerate fusion score:** it spans a relative range of "
+                          f"{r['score_spread']['fusion']:.1e} over the test cases, so its AUROC "
+                          f"({d['fusion']:.4f}) reflects float noise, not the cases: the head uses neither modality."]
+        elif d.get("fusion") is not None and d["fusion"] < best_single:
             lines += ["", f"**Modality imbalance:** the fused score ({d['fusion']:.4f}) is below the best single "
-                          f"modality ({best_single:.4f}): fusion is not using both modalities well."]
-        retrieval = results[MAIN].get("retrieval")
+                          f"modality ({best_single:.4f}): fusion is not using both modalities well (whether the gap "
+                          "is significant: the paired comparisons above)."]
+        retrieval = r.get("retrieval")
         if retrieval:
             lines += ["", "## Diagnostic: cross-modal retrieval from pooled image embeddings (top-1 accuracy)", "",
                       "Each test case's fundus embedding retrieves among all cases' OCT embeddings (and back) by "
                       "cosine similarity; a hit when its own pair ranks first. MMRAD is not trained to align the "
                       "modalities, so this measures how much case identity its shared encoder carries across them.",
                       "", "| fundus → OCT | OCT → fundus | chance |", "|---:|---:|---:|",
-                      f"| {_f(retrieval['fundus_to_oct_top1'])} | {_f(retrieval['oct_to_fundus_top1'])} "
+                      f"| {_v(r, 'retrieval', 'fundus_to_oct_top1')} | {_v(r, 'retrieval', 'oct_to_fundus_top1')} "
                       f"| {_f(retrieval['chance'])} |"]
         lines += ["", "## Table 13: MMRAD per symptom (pixel AUROC / AU-PRO)", "",
                   "| modality | id | symptom | test images | ours AUC | ours PRO | paper AUC | paper PRO |",
@@ -100,17 +151,18 @@ def render(results: dict[str, dict], context: dict, transfer: dict[str, dict] | 
         for modality, per in results[MAIN].get("per_symptom", {}).items():
             for class_id, row in per.items():
                 paper = PAPER_TABLE13.get(modality, {}).get(int(class_id))
-                lines.append(f"| {modality} | {class_id} | {row['name']} | {row['images']} | {_f(row['pixel_auroc'])} "
-                             f"| {_f(row['aupro'])} | {_f(paper[0] if paper else None)} | {_f(paper[1] if paper else None)} |")
+                cell = [_v(r, "per_symptom", modality, class_id, k) for k in ("pixel_auroc", "aupro")]
+                lines.append(f"| {modality} | {class_id} | {row['name']} | {row['images']} | {cell[0]} "
+                             f"| {cell[1]} | {_f(paper[0] if paper else None)} | {_f(paper[1] if paper else None)} |")
     if transfer:
         lines += ["", "## Table 11: transfer (MMRAD localisation, pixel AUROC / AU-PRO)", "",
                   "| test dataset | trained on | ours AUC | ours PRO | paper AUC | paper PRO |",
                   "|---|---|---:|---:|---:|---:|"]
         for key, (test_name, train_name, modality) in TRANSFER_ROWS.items():
-            loc = transfer.get(key, {}).get("localisation", {}).get(modality, {})
+            t = transfer.get(key, {})
             paper = PAPER_TABLE11[key]
-            lines.append(f"| {test_name} | {train_name} | {_f(loc.get('pixel_auroc'))} | {_f(loc.get('aupro'))} "
-                         f"| {paper[0]:.4f} | {paper[1]:.4f} |")
+            lines.append(f"| {test_name} | {train_name} | {_v(t, 'localisation', modality, 'pixel_auroc')} "
+                         f"| {_v(t, 'localisation', modality, 'aupro')} | {paper[0]:.4f} | {paper[1]:.4f} |")
     lines += ["", "Overlays of the anomaly maps on the images: `reports/<method>/overlays/`. "
               "Curves: `dvc plots show`.", ""]
     return "\n".join(lines)
@@ -128,8 +180,59 @@ def write_report(params: Params, reports: str | Path, train_metrics: str | Path,
     trained = json.loads(train_metrics.read_text()) if train_metrics.is_file() else {}
     root = params.datasets[params.train.dataset].root
     context = {"data": f"{params.train.dataset} from {root}",
-               "weights": "yes" if trained.get("pretrained") else "none (random initialisation)"}
+               "weights": "yes" if trained.get("pretrained") else "none (random initialisation)",
+               "conditions": conditions(params, trained)}
     transfer = {key: json.loads(path.read_text()) for key in TRANSFER_ROWS
                 if (path := reports / "transfer" / key / "metrics.json").is_file()}
-    atomic_write_text(out, render(results, context, transfer))
+    atomic_write_text(out, render(results, context, transfer, paired_comparisons(reports, results)))
     return out
+
+
+def paired_comparisons(reports: Path, results: dict[str, dict]) -> list[tuple[str, str, compare.Comparison]]:
+    """MMRAD's fusion against its own single-modality scores, and MMRAD against each baseline (same cases)."""
+    evidence = {name: compare.load_evidence(reports / name) for name in results}
+    main, rows = results[MAIN], []
+    title = METHODS[MAIN].title
+    if "fusion" in main.get("detection", {}):
+        for other in ("fundus_only", "oct_only", "max"):
+            if other in main["detection"]:
+                rows.append((f"{title} fusion", f"{title} {other}", compare.compare(
+                    evidence[MAIN], evidence[MAIN], f"detection.fusion|{other}", main["detection"]["fusion"],
+                    main["detection"][other])))
+    for name in BASELINES:
+        other = results[name]
+        own = _main_score(main)
+        rows.append((title, METHODS[name].title, compare.compare(
+            evidence[MAIN], evidence[name], f"detection.{own}|{_main_score(other)}", main["detection"][own],
+            other["detection"][_main_score(other)])))
+        for modality, values in main.get("localisation", {}).items():
+            for metric in ("pixel_auroc", "aupro"):
+                rows.append((title, METHODS[name].title, compare.compare(
+                    evidence[MAIN], evidence[name], f"{modality}.{metric}", values[metric],
+                    other["localisation"][modality][metric])))
+    return rows
+
+
+def conditions(params: Params, trained: dict) -> list[str]:
+    """Which of the paper's conditions this run is (Table 7's CNN row, Table 4's transforms, ...) and every
+    stand-in the random initialisation needs (docs/decisions.md)."""
+    m, sim = params.model, params.simulation
+    sam = params.weights.sam
+    cnn_pretrained = any(w is not None for w in params.weights.resnets)
+    lines = [
+        f"encoder: SAM {m.encoder} at {m.image_size} px, " + (f"weights {sam.format}:{Path(sam.path).name}" if sam else
+                                                              "randomly initialised and frozen (no SAM pre-training)"),
+        "LPT CNNs: " + ("pretrained (Table 7: pretrained CNN)" if cnn_pretrained else
+                        f"{m.cnn_count} x {m.cnn} without pre-training (Table 7's \"CNN without pre-training\" row)"),
+        f"position embeddings: {'SAM checkpoint' if sam else m.position_init + ' (segment-anything leaves them zero)'}; "
+        f"CNN stages: {m.cnn_norm} scaling; fusion head input: {m.fusion_norm} normalisation",
+        f"simulation: transforms {sim.transforms} (Table 4), pi {sim.probability} per "
+        f"{'pair' if sim.pairing == 'pair' else 'image'}", f"token init: {m.token_init} (Table 14)"
+        + (" — from a random decoder, so no pre-trained knowledge" if not sam and m.token_init == "pretrained" else ""),
+        f"fusion order: {' then '.join(m.fusion_order)} (Table 12); loss {params.train.loss} (Table 10); "
+        f"{params.train.steps} steps of {params.train.batch_size} pairs",
+    ]
+    labels = trained.get("labels")
+    if labels and "normal_pairs" in labels:
+        lines.append("training labels: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in labels.items()))
+    return lines

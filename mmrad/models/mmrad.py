@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
@@ -69,6 +70,10 @@ class ModelConfig:
     fusion_order: tuple[str, str]
     token_init: str  # "pretrained" (SAM mask / IoU tokens), "normal", "kaiming" (Table 14)
     abs_pos: bool  # SAM's absolute position embedding; LVM-Med's encoder is trained without one
+    position_init: str  # "sincos": fixed 2-D sin-cos absolute + small random relative embeddings; "zero": as
+    #                     segment-anything leaves them (no positional information until SAM weights load)
+    cnn_norm: str  # "rms": each LPT CNN stage divided by its RMS before the concatenation; "none": as Eq. 6
+    fusion_norm: str  # "running": T_f standardised with running statistics before the head; "none": as is
 
     def __post_init__(self):
         if self.encoder not in ENCODERS:
@@ -81,6 +86,10 @@ class ModelConfig:
             raise ValueError(f"fusion_order must order 'fundus' and 'oct', got {self.fusion_order}")
         if self.token_init not in ("pretrained", "normal", "kaiming"):
             raise ValueError(f"unknown token_init {self.token_init!r}")
+        for name, allowed in (("position_init", ("sincos", "zero")), ("cnn_norm", ("rms", "none")),
+                              ("fusion_norm", ("running", "none"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; known: {list(allowed)}")
 
     @property
     def width(self) -> int:
@@ -116,6 +125,84 @@ def build_sam_parts(config: ModelConfig) -> tuple[ImageEncoderViT, PromptEncoder
     return encoder, prompt_encoder, decoder
 
 
+def sincos_grid(grid: int, dim: int) -> torch.Tensor:
+    """(grid, grid, dim) fixed 2-D sin-cos position embedding (MAE's): half the channels encode the row, half the
+    column, each as sin / cos at ``dim / 4`` frequencies from 1 to 1 / 10000."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    pos = torch.arange(grid, dtype=torch.float64)[:, None] * omega[None]  # (grid, quarter)
+    rows = torch.cat([pos.sin(), pos.cos()], dim=1)  # (grid, dim / 2)
+    out = torch.zeros(grid, grid, dim, dtype=torch.float64)
+    out[..., : 2 * quarter] = rows[:, None, :]
+    out[..., 2 * quarter: 4 * quarter] = rows[None, :, :]
+    return out.float()
+
+
+def init_positions(encoder: ImageEncoderViT, rel_std: float = 0.02) -> None:
+    """Position embeddings for a randomly initialised encoder (SAM weights, when loaded, replace them).
+
+    segment-anything creates ``pos_embed`` and every block's ``rel_pos_h`` / ``rel_pos_w`` as zeros (they are
+    learned in SAM's pre-training): a random frozen encoder then has no positional information at all. The
+    absolute embedding becomes the fixed 2-D sin-cos one; the relative ones a small normal draw (ViT's
+    ``std=0.02`` convention), drawn from torch's seeded generator like every other random weight.
+    """
+    with torch.no_grad():
+        if encoder.pos_embed is not None:
+            _, g, _, dim = encoder.pos_embed.shape
+            encoder.pos_embed.copy_(sincos_grid(g, dim)[None])
+        for block in encoder.blocks:
+            if getattr(block.attn, "use_rel_pos", False):
+                nn.init.trunc_normal_(block.attn.rel_pos_h, std=rel_std)
+                nn.init.trunc_normal_(block.attn.rel_pos_w, std=rel_std)
+
+
+class RunningStandardise(nn.Module):
+    """Standardise the fusion head's input with running (EMA) statistics, in training as in evaluation.
+
+    T_f varies across cases by < 1 % of its norm (SAM's decoder ends in LayerNorms), so a head reading it
+    as is sees a constant. Plain BatchNorm would standardise each training batch by its own statistics:
+    with 4 cases, often all positive, that removes the absolute level the head must learn ("anomalous or
+    not"), and it differs from the running statistics used at test time. Here the statistics are updated
+    from each training batch (no gradient; the *global* batch across data-parallel processes, so 1 and N
+    processes train the same model) and applied the same way in both modes; the first batch initialises
+    them. A learned affine (``weight``, ``bias``) follows, as in BatchNorm.
+    """
+
+    def __init__(self, dim: int, momentum: float = 0.1, eps: float = 1e-10):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def _update(self, x: torch.Tensor) -> None:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        n = x.shape[0] * world
+        total = x.float().sum(0)
+        if world > 1:
+            dist.all_reduce(total)
+        mean = total / n
+        squares = ((x.float() - mean) ** 2).sum(0)  # centred: the spread is tiny next to the mean
+        if world > 1:
+            dist.all_reduce(squares)
+        var = squares / max(n - 1, 1)
+        if int(self.updates) == 0:
+            self.running_mean.copy_(mean)
+            self.running_var.copy_(var)
+        else:
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var, self.momentum)
+        self.updates += 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self._update(x)
+        return (x - self.running_mean) / torch.sqrt(self.running_var + self.eps) * self.weight + self.bias
+
+
 class ResNetTrunk(nn.Module):
     """A torchvision ResNet up to layer3 (the "first three stages"), frozen."""
 
@@ -139,6 +226,7 @@ class LowLevelPrompts(nn.Module):
         super().__init__()
         depth, width, h = ENCODERS[config.encoder]["depth"], config.width, config.h
         self.grid = config.grid
+        self.rms_norm = config.cnn_norm == "rms"
         self.cnn_proj = nn.Linear(config.cnn_count * sum(RESNETS[config.cnn]), h)  # Eq. 6's LN
         self.patch_proj = nn.Linear(width, h)
         self.per_block = nn.ModuleList(nn.Sequential(nn.Linear(h, h), nn.GELU()) for _ in range(depth))
@@ -149,6 +237,8 @@ class LowLevelPrompts(nn.Module):
     def base(self, cnn_features: list[torch.Tensor], patch_embeddings: torch.Tensor) -> torch.Tensor:
         """F_c + F_p on the token grid, (B, g, g, h)."""
         pooled = [F.adaptive_avg_pool2d(f, self.grid) for f in cnn_features]
+        if self.rms_norm:  # a common scale per stage and image: a random layer3 (RMS ~17) would swamp layer1 (~0.5)
+            pooled = [f / f.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-6) for f in pooled]
         f_c = self.cnn_proj(torch.cat(pooled, dim=1).permute(0, 2, 3, 1))
         return f_c + self.patch_proj(patch_embeddings)
 
@@ -165,10 +255,14 @@ class MMRAD(nn.Module):
         self.lpt = LowLevelPrompts(config)
         self.mask_token = nn.Parameter(torch.zeros(1, PROMPT_EMBED_DIM))
         self.fusion_token = nn.Parameter(torch.zeros(1, PROMPT_EMBED_DIM))
+        # T_f varies across cases by < 1 % of its norm: standardised, the head sees that variation at unit scale
+        self.fusion_norm = RunningStandardise(PROMPT_EMBED_DIM) if config.fusion_norm == "running" else nn.Identity()
         self.fusion_head = MLP(PROMPT_EMBED_DIM, 256, 1, 3)
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
         self.cnns.to(memory_format=torch.channels_last)
+        if config.position_init == "sincos":
+            init_positions(self.image_encoder)
         self.init_tokens()
         for module in self.frozen_modules():
             module.requires_grad_(False)
@@ -204,8 +298,10 @@ class MMRAD(nn.Module):
                 nn.init.kaiming_normal_(self.fusion_token)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only the fine-tuned parameters (the frozen parts come from their own weight files)."""
+        """Only the fine-tuned parameters and the statistics training accumulates (the fusion head input's
+        running statistics); the frozen parts come from their own weight files."""
         names = {n for n, p in self.named_parameters() if p.requires_grad}
+        names |= {f"fusion_norm.{n}" for n, _ in self.fusion_norm.named_buffers()}
         return {k: v for k, v in self.state_dict().items() if k in names}
 
     def parameter_counts(self) -> dict[str, int]:
@@ -274,7 +370,7 @@ class MMRAD(nn.Module):
             if pooled:
                 out[f"{modality}_pooled"] = embedding.mean(dim=(2, 3))
         if len(given) == 2:
-            out["score"] = self.fusion_head(fusion[:, 0])[:, 0]
+            out["score"] = self.fusion_head(self.fusion_norm(fusion[:, 0]))[:, 0]
         else:
             out["score"] = out[given[0]].flatten(1).amax(dim=1)
         return out

@@ -38,6 +38,7 @@ from mlflow.entities import Metric
 
 from mmrad.core.errors import DataError
 from mmrad.core.io import atomic_write_text
+from mmrad.evaluation.compare import REPLICATES, SCORES
 from mmrad.evaluation.methods import BASELINES, MAIN
 from mmrad.models.builder import MODEL_FILE
 from mmrad.ops import serving
@@ -166,6 +167,11 @@ def evaluation_metrics(result: dict, prefix: str = "") -> dict[str, float]:
         flat[f"{prefix}detection.{key}"] = float(value)
     for key, value in result.get("retrieval", {}).items():
         flat[f"{prefix}retrieval.{key}"] = float(value)
+    ci = result.get("ci95", {})  # each metric's 95 % interval beside it: <metric>.ci_low / .ci_high
+    bounds = [(f"{m}.{k}", b) for m, values in ci.get("localisation", {}).items() for k, b in values.items()]
+    bounds += [(f"detection.{k}", b) for k, b in ci.get("detection", {}).items()]
+    for name, bound in bounds:
+        flat[f"{prefix}{name}.ci_low"], flat[f"{prefix}{name}.ci_high"] = float(bound["low"]), float(bound["high"])
     return flat
 
 
@@ -187,6 +193,16 @@ def collect_metrics(reports: Path, trained: dict) -> dict[str, float]:
         if isinstance(trained.get(key), (int, float)):
             flat[f"train.{key}"] = float(trained[key])
     return flat
+
+
+EVIDENCE = "evidence"
+
+
+def evidence_folders(reports: Path) -> dict[str, Path]:
+    """Evaluation folders by the prefix their metrics carry in MLflow (``mmrad`` for MMRAD's own, unprefixed)."""
+    folders = {MAIN: reports / MAIN, **{b: reports / b for b in BASELINES}}
+    folders.update({f"transfer.{p.name}": p for p in sorted((reports / "transfer").glob("*")) if p.is_dir()})
+    return {name: path for name, path in folders.items() if (path / SCORES).is_file()}
 
 
 def loss_history(loss_tsv: Path) -> list[tuple[int, dict[str, float]]]:
@@ -237,6 +253,10 @@ def log_and_register(params, project: str | Path = ".", model_dir: str | Path = 
         for start in range(0, len(per_step), 1000):  # the store takes at most 1000 metrics per batch
             client.log_batch(run.info.run_id, metrics=per_step[start:start + 1000])
         mlflow.log_metrics(metrics)
+        for name, folder in evidence_folders(reports).items():  # per-case scores + replicates: the gate's paired tests
+            for file in (SCORES, REPLICATES):
+                if (folder / file).is_file():
+                    mlflow.log_artifact(str(folder / file), f"{EVIDENCE}/{name}")
         for path, folder in [(reports / "report.md", None), (project / "dvc.lock", None),
                              (Path(params_file), None), (reports / "mmrad" / "plots", "plots/mmrad"),
                              (reports / "mmrad" / "overlays", "overlays/mmrad")]:

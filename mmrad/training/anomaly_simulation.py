@@ -77,90 +77,44 @@ _SEED_MAX = 2**31 - 1
 
 @dataclass(frozen=True)
 class SimulationConfig:
-    """Every open choice of the simulation, with its default and why.
+    """The knobs of one image's simulation. No defaults here: params.yaml's ``simulation`` section states every
+    value with a comment, docs/decisions.md ("Anomaly simulation") the reasons; ``simulation_config`` makes this
+    from it. (``pairing`` / ``pair_shares``, which decide *which* images of a pair get an anomaly, are the
+    training loop's: ``mmrad.training.train.make_batch``.)
 
-    probability, transforms: no defaults here; params.yaml's ``simulation``
-        section states them (0.7: the paper's pi probability, the rest stay
-        normal so the model also sees healthy samples; "composition": Table 4's
-        best multi-modal detection AUC 0.7664, the single sets
-        "channel_shuffle", "rgb_shift", "rotate" reproduce the ablation).
-        The knobs below are not (yet) parameters; their defaults are stated
-        only here.
-    composition_n: (2, 4) - how many of ColorJitter/ChannelShuffle/RGBShift/
-        Rotate one "composition" draw applies (uniform in the range): the paper
-        found combinations beat single transforms, so at least 2.
-    min_area, max_area: 0.005, 0.08 - region area as a fraction of the valid
-        (imaged) area, drawn log-uniformly: small focal lesions are as common as
-        large patches (retinal whitening averages 17.74 % of an MMR fundus,
-        paper Sec. 3, but a large fraction would leave too little normal
-        context).
-    max_blobs: 3 - the base shape is the union of 1..max_blobs ellipses, so
-        regions can be lobed and not only convex.
-    max_aspect: 3.0 - ellipse axis ratio drawn in [1, max_aspect]: round spots
-        to elongated streaks (e.g. along vessels or OCT layers).
-    twist_shear: 25.0 - max |shear| in degrees of the affine part of the twist.
-    twist_alpha, twist_sigma: 500.0, 9.0 - albumentations ElasticTransform on
-        the 96-pixel canvas (first ellipse ~23 px across). albumentations
-        normalises the noise before blurring it, so alpha is not pixels: these
-        give displacements of ~8.6 px rms that vary smoothly over ~10-20 px,
-        which bends and dents the outline without shredding it (chosen by eye
-        on the previews; mean solidity ~0.85-0.9 vs 1.0 for an ellipse).
-    rgb_shift: 90 - RGBShift range +-90 levels (and the OCT intensity shift):
-        "violent" enough to be seen, yet rarely saturating whole regions.
-    jitter: 0.6 - ColorJitter brightness/contrast/saturation factors in
-        [1 - jitter, 1 + jitter].
-    hue: 0.3 - ColorJitter hue shift range (+-0.3 of the colour circle).
-    rotate_min: 30.0 - Rotate angle is drawn with |angle| in [rotate_min, 180]
-        degrees: small angles barely change a region.
-    min_change: 24 - a region pixel counts as changed (and is labelled) only if
-        |after - before| summed over the 3 channels is >= this (8 levels per
-        channel on average); below it the pixel is left as it was.
-    min_changed_fraction: 0.5 - phi is accepted when at least this fraction of
-        the region changed ...
-    min_mean_change: 20.0 - ... and the region changed by at least this many
-        levels per channel on average: the paper's "violent" shift; weaker
-        draws (RGBShift offsets near 0, a ChannelShuffle that drew the
-        identity) are re-drawn.
-    max_attempts: 4 - phi draws per region before keeping the one with the
-        largest total visible change (a Rotate over a featureless background
-        may never get there: then only the pixels it did change are labelled).
-    fundus_threshold: 20 - a fundus pixel is in the field of view if its
-        (5x5 median-filtered) brightest channel is above this; the black
-        surround of a fundus camera is below ~10.
-    oct_threshold: 30 - an OCT column's tissue band runs from the first to the
-        last row whose (5x5 median-filtered) gray level is above this
-        (edges median-smoothed over 9 columns); the vitreous and the dark
-        depth below the choroid stay out, dark layers inside the band
-        (nuclear layers) are kept.
-    margin: 0.02 - region centres and pixels keep at least this fraction of the
-        image's shorter side away from the edge of the valid area, so an
-        anomaly is never a sliver on the field-of-view rim.
-    oct_gray: True - OCT gets gray stand-ins for ChannelShuffle/RGBShift/
-        ColorJitter (see the module docstring); False applies them literally.
+    What each knob shapes, briefly: ``probability`` pi; ``transforms`` Table 4's set ("composition": 2-4 of the
+    four, ``composition_n``); region area log-uniform in [``min_area``, ``max_area``] of the imaged area, a union
+    of up to ``max_blobs`` ellipses of aspect <= ``max_aspect``, twisted by an affine shear (``twist_shear``)
+    and an elastic warp (``twist_alpha`` / ``twist_sigma`` on the 96 px canvas: ~8.6 px rms displacement);
+    phi's magnitudes ``rgb_shift``, ``jitter``, ``hue``, ``rotate_min``; a pixel is labelled only when it changed
+    by ``min_change`` (summed over channels), and phi is re-drawn (up to ``max_attempts``) until
+    ``min_changed_fraction`` of the region changed by ``min_mean_change`` per channel on average; the imaged
+    area is found with ``fundus_threshold`` / ``oct_threshold`` and a rim of ``margin``; ``oct_gray`` swaps in
+    gray stand-ins for OCT (module docstring).
     """
 
     probability: float
     transforms: str
-    composition_n: tuple[int, int] = (2, 4)
-    min_area: float = 0.005
-    max_area: float = 0.08
-    max_blobs: int = 3
-    max_aspect: float = 3.0
-    twist_shear: float = 25.0
-    twist_alpha: float = 500.0
-    twist_sigma: float = 9.0
-    rgb_shift: int = 90
-    jitter: float = 0.6
-    hue: float = 0.3
-    rotate_min: float = 30.0
-    min_change: int = 24
-    min_changed_fraction: float = 0.5
-    min_mean_change: float = 20.0
-    max_attempts: int = 4
-    fundus_threshold: int = 20
-    oct_threshold: int = 30
-    margin: float = 0.02
-    oct_gray: bool = True
+    composition_n: tuple[int, int]
+    min_area: float
+    max_area: float
+    max_blobs: int
+    max_aspect: float
+    twist_shear: float
+    twist_alpha: float
+    twist_sigma: float
+    rgb_shift: int
+    jitter: float
+    hue: float
+    rotate_min: float
+    min_change: int
+    min_changed_fraction: float
+    min_mean_change: float
+    max_attempts: int
+    fundus_threshold: int
+    oct_threshold: int
+    margin: float
+    oct_gray: bool
 
     def __post_init__(self) -> None:
         # A list (e.g. from YAML) would make the config unhashable, and it keys the pipeline cache.
@@ -180,9 +134,12 @@ class SimulationConfig:
             raise ValueError(f"rotate_min must lie in [0, 180], got {self.rotate_min}")
 
 
+PAIR_KEYS = ("pairing", "pair_shares")  # the training loop's part of the section (which images of a pair)
+
+
 def simulation_config(section: Simulation) -> SimulationConfig:
-    """The simulation params.yaml's ``simulation`` section describes."""
-    return SimulationConfig(probability=section.probability, transforms=section.transforms)
+    """The per-image simulation params.yaml's ``simulation`` section describes."""
+    return SimulationConfig(**{k: v for k, v in section.model_dump().items() if k not in PAIR_KEYS})
 
 
 # ---------------------------------------------------------------------------
@@ -191,18 +148,23 @@ def simulation_config(section: Simulation) -> SimulationConfig:
 
 
 def simulate(
-    image: np.ndarray, modality: str, config: SimulationConfig, rng: np.random.Generator
+    image: np.ndarray, modality: str, config: SimulationConfig, rng: np.random.Generator,
+    anomalous: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One pseudo-anomalous sample from a healthy image.
 
     image: (H, W, 3) uint8; OCT as 3 identical gray channels.
+    ``anomalous``: None draws pi (``config.probability``); True / False is the
+    caller's decision (pair-level simulation), pi is then not drawn.
     Returns (image_out, mask): image_out (H, W, 3) uint8, a new array; mask
     (H, W) bool, True exactly where image_out differs from image.
     """
     _check_modality(modality)
     _check_image(image)
     out, empty = image.copy(), np.zeros(image.shape[:2], bool)
-    if rng.random() >= config.probability:  # pi: this sample stays normal
+    if anomalous is None:
+        anomalous = rng.random() < config.probability  # pi
+    if not anomalous:  # this sample stays normal
         return out, empty
 
     valid = valid_area(image, modality, config)

@@ -52,6 +52,31 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
     return chunk
 
 
+PAIR_PATTERNS = {"fundus_only": ("fundus",), "oct_only": ("oct",), "both": ("fundus", "oct")}
+
+
+def pair_pattern(section, step: int, position: int, seed: int) -> tuple[str, ...] | None:
+    """Which modalities of case ``position`` of step ``step`` get a simulated anomaly.
+
+    ``pairing: independent`` returns None: each image draws pi on its own (the
+    per-image reading of Sec. 4.3.1; with pi = 0.7, 91 % of pairs are
+    positive). ``pairing: pair`` draws pi once per pair (a share 1 - pi of the
+    pairs stays normal), then the pattern from ``pair_shares`` (fundus only,
+    OCT only, both): the detection label then has both classes in a fair
+    share, and pairs anomalous in one modality only teach the fusion token
+    to look at both (docs/decisions.md).
+    """
+    if section.pairing == "independent":
+        return None
+    rng = np.random.default_rng([seed, 3, step, position])
+    if rng.random() >= section.probability:
+        return ()
+    shares = section.pair_shares.model_dump()
+    names = list(PAIR_PATTERNS)
+    weights = np.array([shares[name] for name in names], dtype=np.float64)
+    return PAIR_PATTERNS[names[int(rng.choice(len(names), p=weights / weights.sum()))]]
+
+
 def make_batch(images: dict[str, np.ndarray], step: int, params: Params,
                positions: range | None = None) -> dict[str, torch.Tensor]:
     """Images, simulated masks and case labels of one step (a pure function of seed and step).
@@ -66,10 +91,12 @@ def make_batch(images: dict[str, np.ndarray], step: int, params: Params,
     batch: dict[str, list] = {key: [] for m in images for key in (m, f"{m}_mask")}
     for j in positions if positions is not None else range(len(idx)):
         case = idx[j]
+        pattern = pair_pattern(params.simulation, step, j, params.seed) if len(images) == 2 else None
         for modality, stack in images.items():
             k = MODALITIES.index(modality)  # the stream of a modality is the same paired or alone
             rng = np.random.default_rng([params.seed, 2, step, j, k])
-            image, mask = simulate(stack[case], modality, config, rng)
+            anomalous = None if pattern is None else modality in pattern
+            image, mask = simulate(stack[case], modality, config, rng, anomalous=anomalous)
             batch[modality].append(image)
             batch[f"{modality}_mask"].append(mask)
     tensors = {key: torch.from_numpy(np.stack(value)) for key, value in batch.items()}
@@ -114,6 +141,33 @@ def training_fingerprint(params: Params) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def parameter_groups(model, lr: float, head_lr_scale: float) -> list[dict]:
+    """AdamW groups: the fusion head (and its input normalisation) at ``lr * head_lr_scale``, the rest at ``lr``.
+
+    The head is a small MLP trained from scratch on a 1-dimensional target; at the decoder's learning rate it
+    barely leaves its initial output in the CPU profile's few steps (docs/decisions.md, measured there).
+    """
+    head = {id(p) for module in (model.fusion_head, model.fusion_norm) for p in module.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in head], "lr": lr},
+              {"params": [p for p in trainable if id(p) in head], "lr": lr * head_lr_scale}]
+    return [g for g in groups if g["params"]]
+
+
+def _count_labels(balance: dict, batch: dict, modalities: list[str]) -> None:
+    """Add one batch to the running label counts: samples, positives per modality and, for pairs, per pattern."""
+    flags = {m: batch[f"{m}_mask"].flatten(1).amax(1).bool().cpu() for m in modalities}
+    n = len(next(iter(flags.values())))
+    balance["samples"] = balance.get("samples", 0) + n
+    for m, f in flags.items():
+        balance[f"{m}_anomalous"] = balance.get(f"{m}_anomalous", 0) + int(f.sum())
+    if len(modalities) == 2:
+        a, b = flags[modalities[0]], flags[modalities[1]]
+        for name, f in (("normal_pairs", ~a & ~b), (f"{modalities[0]}_only", a & ~b), (f"{modalities[1]}_only", ~a & b),
+                        ("both", a & b)):
+            balance[name] = balance.get(name, 0) + int(f.sum())
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise DataError("params.yaml", "train.device is 'cuda' but no CUDA device is available")
@@ -149,10 +203,10 @@ def train(params: Params, prepared: str | Path, out: str | Path, checkpoint_dir:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False,
             find_unused_parameters=len(images) == 1)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(trainable, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    optimiser = torch.optim.AdamW(parameter_groups(model, t.lr, t.head_lr_scale), lr=t.lr, betas=tuple(t.betas),
+                                  weight_decay=t.weight_decay)
 
-    start, history = 0, []
+    start, history, balance = 0, [], {}
     checkpoint_path = checkpoint_dir / CHECKPOINT
     if resume:
         if not checkpoint_path.is_file():
@@ -162,7 +216,7 @@ def train(params: Params, prepared: str | Path, out: str | Path, checkpoint_dir:
             raise DataError(checkpoint_path, "checkpoint was made with other parameters; cannot resume")
         model.load_state_dict(state["trainable"], strict=False)
         optimiser.load_state_dict(state["optimizer"])
-        start, history = state["step"], state["history"]
+        start, history, balance = state["step"], state["history"], state.get("balance", {})
         log.info("resumed from step %d", start)
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
@@ -173,6 +227,7 @@ def train(params: Params, prepared: str | Path, out: str | Path, checkpoint_dir:
                disable=not context.is_main or (None if progress is None else not progress))
     for step in bar:
         batch = {k: v.to(device) for k, v in make_batch(images, step, params, positions).items()}
+        _count_labels(balance, batch, list(images))
         with autocast:
             out_ = net(**{m: batch[m] for m in images})
         parts = losses(out_, batch, t.loss)
@@ -185,7 +240,7 @@ def train(params: Params, prepared: str | Path, out: str | Path, checkpoint_dir:
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         if context.is_main and ((step + 1) % t.checkpoint_every == 0 or step + 1 == end):
             save_atomic({"step": step + 1, "trainable": model.trainable_state_dict(),
-                          "optimizer": optimiser.state_dict(), "history": history,
+                          "optimizer": optimiser.state_dict(), "history": history, "balance": balance,
                           "params_hash": training_fingerprint(params)}, checkpoint_path)
     bar.close()
     seconds = time.perf_counter() - started
@@ -205,6 +260,7 @@ def train(params: Params, prepared: str | Path, out: str | Path, checkpoint_dir:
         "modalities": list(images),
         "first_loss": round(float(np.mean([h["loss"] for h in history[:window]])), 5),
         "final_loss": round(float(np.mean([h["loss"] for h in history[-window:]])), 5),
+        "labels": balance,  # what the simulation fed the model (this process's share when data-parallel)
         "trainable_parameters": counts["trainable"], "frozen_parameters": counts["frozen"],
         "pretrained": identity["sam"] != RANDOM_INIT, "weights": identity,
     }

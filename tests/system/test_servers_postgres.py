@@ -64,7 +64,7 @@ def test_registry_on_a_postgres_backed_server_survives_a_restart(server, postgre
     v2 = add_version(0.70, 0.90)
     refused = registry.promote(params)  # detection drops by 0.10: refused by the gate
     assert not refused.promoted and not refused.passed and _champion(client) == v1
-    v3 = add_version(0.85, 0.91)
+    v3 = add_version(0.95, 0.91)
     assert registry.promote(params, user="ops").promoted and _champion(client) == v3
 
     # params, metrics and an artifact of the champion's run, read back through the server

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -53,6 +54,13 @@ def test_mmrad_evaluation_writes_metrics_curves_and_overlays(trained, prepared_m
     assert pro[:, 0].max() <= 0.3 and np.all(np.diff(pro[:, 0]) >= 0)
     overlays = sorted((tmp_path / "mmrad" / "overlays").glob("*.png"))
     assert overlays and Image.open(overlays[0]).size[0] > 400
+    # the fusion score of a model trained a few steps varies across cases (a constant score would be a bug)
+    fusion = np.loadtxt(tmp_path / "mmrad" / "scores.csv", delimiter=",", skiprows=1, usecols=2)
+    assert saved["score_spread"]["fusion"] > params.evaluation.degenerate_spread and "fusion" not in saved["degenerate"]
+    assert np.unique(np.round(fusion, 6)).size == fusion.size
+    table = pq.read_table(tmp_path / "mmrad" / "replicates.parquet")
+    assert table.num_rows == params.evaluation.bootstrap and "detection.fusion" in table.column_names
+    assert "fundus.pixel_auroc" in table.column_names
     # the same model and data give the same numbers (deterministic on the CPU)
     assert run_evaluation(params, "mmrad", prepared_mmr, tmp_path / "again", model) == result
 
@@ -74,8 +82,20 @@ def test_metrics_follow_from_the_predictions():
                 "oct_only": np.array([0.5, 0.5, 0.5, 0.5])},
         # OCT embeddings: the fundus ones with cases c and d swapped -> 2 of 4 pairs retrieved
         embeddings={"fundus": embedding, "oct": 2 * embedding[[0, 1, 3, 2]] + 1}))
-    result, curves = evaluate_predictions(test, preds)
+    settings = Params.model_validate(tiny_params_dict()).evaluation
+    result, curves, replicates = evaluate_predictions(test, preds, settings, seed=5)
     assert result["localisation"]["fundus"] == {"pixel_auroc": 1.0, "aupro": 1.0}
+    # every metric has its interval; a perfect map's interval is the point [1, 1]
+    assert result["ci95"]["localisation"]["fundus"]["pixel_auroc"] == {"low": 1.0, "high": 1.0}
+    oct_ci = result["ci95"]["localisation"]["oct"]["pixel_auroc"]
+    assert oct_ci["low"] <= result["localisation"]["oct"]["pixel_auroc"] <= oct_ci["high"]
+    assert set(result["ci95"]["detection"]) == set(result["detection"])
+    assert set(result["ci95"]["per_symptom"]["fundus"]) == {"1", "2"}
+    assert set(result["ci95"]["retrieval"]) == {"fundus_to_oct_top1", "oct_to_fundus_top1"}
+    assert replicates["fundus.pixel_auroc"].shape == (settings.bootstrap,)
+    assert result["uncertainty"]["replicates"] == settings.bootstrap
+    # a constant score is flagged, not reported as a result
+    assert result["degenerate"] == ["oct_only"] and result["score_spread"]["oct_only"] == 0.0
     assert result["localisation"]["oct"]["pixel_auroc"] == round(metrics.pixel_auroc(preds.maps["oct"], gt), 4)
     assert result["detection"]["fusion"] == 1.0 and result["detection"]["fundus_only"] == 0.5
     # max of the image scores: [0.5, 0.9 | 0.5, 0.8] -> pairs (0.5,0.5)=.5 (0.5,0.9)=0 (0.8,0.5)=1 (0.8,0.9)=0
@@ -127,3 +147,26 @@ def test_single_modal_dataset_evaluates_without_fusion(trained, prepared_resc, t
     assert set(result["localisation"]) == {"oct"}
     assert set(result["detection"]) == {"oct_only"}  # normal and anomalous scans: a case-level AUC too
     assert set(result["per_symptom"]["oct"]) <= {"1", "2", "3"}  # RESC's own classes
+
+
+def test_report_prints_intervals_comparisons_and_flags_a_degenerate_score():
+    from mmrad.evaluation.compare import Comparison
+
+    result = {"cases": 50, "anomalous_cases": 30,
+              "localisation": {"fundus": {"pixel_auroc": 0.7, "aupro": 0.4}, "oct": {"pixel_auroc": 0.8, "aupro": 0.5}},
+              "detection": {"fusion": 0.6325, "fundus_only": 0.93, "oct_only": 0.6, "max": 0.7, "mean": 0.5},
+              "degenerate": ["fusion"], "score_spread": {"fusion": 1.2e-4},
+              "ci95": {"localisation": {"fundus": {"pixel_auroc": {"low": 0.65, "high": 0.74}}},
+                       "detection": {"fundus_only": {"low": 0.85, "high": 0.98}}},
+              "uncertainty": {"method": "stratified case bootstrap, percentile interval", "replicates": 1000,
+                              "seed": 7, "level": 0.95}}
+    comparison = Comparison("fundus.pixel_auroc", 0.7, 0.65, 0.05, 0.01, 0.09, 0.012, "paired bootstrap")
+    text = render({"mmrad": result}, {"data": "synthetic", "weights": "none",
+                                      "conditions": ["LPT CNNs: 2 x resnet50 without pre-training"]},
+                  comparisons=[("MMRAD", "PaDiM", comparison)])
+    assert "| MMRAD | 0.7000 [0.650, 0.740] | 0.4000 |" in text  # a value with its interval; none given: bare
+    assert "0.9300 [0.850, 0.980]" in text
+    assert "degenerate (spread 1.2e-04)" in text and "0.6325" not in text.split("## Table 12")[0]
+    assert "**Degenerate fusion score:**" in text and "Modality imbalance" not in text
+    assert "| fundus.pixel_auroc | MMRAD | PaDiM | 0.7000 | 0.6500 | +0.0500 [+0.010, +0.090] | 0.012 | paired bootstrap |" in text
+    assert "- LPT CNNs: 2 x resnet50 without pre-training" in text and "1000 resamples of the 50 test cases" in text

@@ -9,7 +9,7 @@ import torch
 
 from mmrad.core.params import Params
 from mmrad.models.builder import model_config
-from mmrad.models.mmrad import MMRAD, ModelConfig
+from mmrad.models.mmrad import MMRAD, ModelConfig, RunningStandardise, sincos_grid
 from tests.conftest import tiny_params_dict
 
 CONFIG = model_config(Params.model_validate(tiny_params_dict()))  # vit_tiny at 64 px, resnet18 trunks
@@ -97,7 +97,9 @@ def test_frozen_parts_do_not_move_and_trainable_ones_do():
     moved = sum(not torch.equal(after[k], before[k]) for k in names)
     assert moved == len(names)  # every trainable tensor got an update (the zero lift too)
     counts = model.parameter_counts()
-    assert counts["trainable"] == sum(v.numel() for v in model.trainable_state_dict().values())
+    buffers = {f"fusion_norm.{n}" for n, _ in model.fusion_norm.named_buffers()}  # saved, but not parameters
+    assert buffers < names
+    assert counts["trainable"] == sum(v.numel() for k, v in model.trainable_state_dict().items() if k not in buffers)
     assert counts["frozen"] > counts["trainable"]
 
 
@@ -106,3 +108,50 @@ def test_unknown_configuration_is_rejected():
         replace(CONFIG, encoder="vit_x")
     with pytest.raises(ValueError, match="multiple of 16"):
         replace(CONFIG, image_size=100)
+
+
+def test_a_random_encoder_gets_position_embeddings_and_zero_keeps_segment_anythings():
+    torch.manual_seed(0)
+    model = MMRAD(CONFIG)
+    pos = model.image_encoder.pos_embed[0]  # (grid, grid, C)
+    assert CONFIG.position_init == "sincos"
+    assert torch.allclose(pos, sincos_grid(CONFIG.grid, CONFIG.width))
+    assert not torch.equal(pos[0, 0], pos[1, 0]) and not torch.equal(pos[0, 0], pos[0, 1])  # rows and columns differ
+    for block in model.image_encoder.blocks:
+        assert 0.01 < float(block.attn.rel_pos_h.std()) < 0.03 and 0.01 < float(block.attn.rel_pos_w.std()) < 0.03
+    zero = MMRAD(replace(CONFIG, position_init="zero"))
+    assert not zero.image_encoder.pos_embed.any() and not zero.image_encoder.blocks[0].attn.rel_pos_h.any()
+
+
+def test_cnn_stages_are_brought_to_a_common_scale():
+    torch.manual_seed(0)
+    model = MMRAD(CONFIG).eval()
+    captured = {}
+    model.lpt.cnn_proj.register_forward_hook(lambda m, i, o: captured.__setitem__("x", i[0]))
+    with torch.no_grad():
+        model(fundus=_images())
+    widths = [64, 128, 256] * CONFIG.cnn_count  # resnet18's layer1-3 channels, per CNN
+    chunks = torch.split(captured["x"], widths, dim=-1)  # (B, g, g, channels) per stage
+    rms = torch.stack([c.pow(2).mean(dim=(1, 2, 3)).sqrt() for c in chunks])
+    assert torch.allclose(rms, torch.ones_like(rms), atol=1e-4)
+
+
+def test_the_fusion_head_input_is_standardised_with_running_statistics():
+    norm = RunningStandardise(3, momentum=0.5)
+    g = torch.Generator().manual_seed(0)
+    base = torch.tensor([100.0, -50.0, 7.0])
+    first = base + 0.01 * torch.randn(8, 3, generator=g)
+    out = norm.train()(first)  # the first batch initialises the statistics
+    assert torch.allclose(norm.running_mean, first.mean(0)) and torch.allclose(norm.running_var, first.var(0))
+    assert torch.allclose(out.std(0), torch.ones(3), atol=1e-3)  # the 1 % spread becomes unit scale
+    second = base + 0.02 * torch.randn(4, 3, generator=g)
+    norm(second)
+    assert torch.allclose(norm.running_mean, 0.5 * first.mean(0) + 0.5 * second.mean(0))
+    # a case scores the same whatever else is in its batch (train and eval alike): no batch statistics
+    norm.eval()
+    alone, together = norm(second[:1]), norm(second)[:1]
+    assert torch.equal(alone, together)
+    # the statistics are saved with the trainable weights (a loaded model must standardise the same way)
+    torch.manual_seed(0)
+    model = MMRAD(CONFIG)
+    assert {"fusion_norm.running_mean", "fusion_norm.running_var", "fusion_norm.weight"} <= set(model.trainable_state_dict())

@@ -24,7 +24,7 @@ from mmrad.core.params import GateRule, Params
 from mmrad.data.splits import load_split
 from mmrad.evaluation import metrics
 from mmrad.ops import registry
-from mmrad.ops.tracking import CHALLENGER, CHAMPION, params_hash, use_tracking
+from mmrad.ops.tracking import CHALLENGER, CHAMPION, EVIDENCE, params_hash, use_tracking
 from tests.conftest import PROJECT, tiny_params_dict
 from tests.servers import mlflow_server
 
@@ -46,9 +46,69 @@ GATE = {"detection.fusion": GateRule(min_gain=0.01, max_regression=0.02),
      False, "lacks gated metric(s) ['fundus.pixel_auroc']"),
 ])
 def test_gate_rules(challenger, champion, passed, reason):
-    ok, rows, why = registry.evaluate_gate(challenger, champion, GATE)
+    from mmrad.evaluation.compare import Comparison
+
+    significant = {m: Comparison(m, 0.0, 0.0, 0.0, 0.0, 0.0, 0.001, "DeLong") for m in GATE}  # p below 0.05 / 2
+    ok, rows, why = registry.evaluate_gate(challenger, champion, GATE, significant, 0.05)
     assert ok is passed and reason in why
     assert [r.metric for r in rows] == list(GATE)
+
+
+# --------------------------------------------------------------------------- per-case evidence
+
+LABELS = np.r_[np.ones(80), np.zeros(80)].astype(int)
+CASES = [f"case_{i:03d}" for i in range(LABELS.size)]
+
+
+def _evidence(folder: Path, fusion: float, fundus: float, noise: int = 0) -> Path:
+    """scores.csv + replicates.parquet of a model whose detection AUROC is about ``fusion``: binormal scores
+    with separation sqrt(2) Phi^-1(AUROC) over noise drawn from ``noise`` (the same ``noise``: the same model
+    up to its strength; another: a retrain with another seed), and pixel-AUROC replicates around ``fundus``."""
+    from scipy.stats import norm
+
+    from mmrad.evaluation.evaluate import write_replicates
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(noise)
+    scores = LABELS * np.sqrt(2) * norm.ppf(fusion) + rng.normal(size=LABELS.size)
+    (folder / "scores.csv").write_text("case_id,label,fusion\n" + "".join(
+        f"{c},{y},{s:.8g}\n" for c, y, s in zip(CASES, LABELS, scores)))
+    shared = np.random.default_rng(99).normal(0, 0.01, 500)  # the case resamples move every version alike
+    write_replicates(folder / "replicates.parquet", {"fundus.pixel_auroc": fundus + shared + rng.normal(0, 0.004, 500)},
+                     CASES, seed=1)
+    return folder
+
+
+def test_gate_needs_a_significant_gain_on_the_same_cases(tmp_path):
+    from mmrad.evaluation.compare import load_evidence
+
+    champion = {"mmrad": load_evidence(_evidence(tmp_path / "a" / "mmrad", 0.80, 0.90))}
+    values = lambda f, p: {"detection.fusion": f, "fundus.pixel_auroc": p}  # noqa: E731
+    # an identical retrain: the same scores, no gain, p = 1
+    same = {"mmrad": load_evidence(_evidence(tmp_path / "b" / "mmrad", 0.80, 0.90))}
+    tests = registry.paired_tests(same, champion, (values(0.8, 0.9), values(0.8, 0.9)), list(GATE))
+    assert tests["detection.fusion"].p_value == 1.0 and tests["detection.fusion"].test == "DeLong"
+    ok, rows, why = registry.evaluate_gate(values(0.8, 0.9), values(0.8, 0.9), GATE, tests, 0.05)
+    assert not ok and "no gated metric improves" in why
+    # the same gain of +0.015 on paper, from a retrain with another seed: not significant, so not promoted
+    other = {"mmrad": load_evidence(_evidence(tmp_path / "c" / "mmrad", 0.815, 0.90, noise=7))}
+    tests = registry.paired_tests(other, champion, (values(0.815, 0.9), values(0.8, 0.9)), list(GATE))
+    ok, rows, why = registry.evaluate_gate(values(0.815, 0.9), values(0.8, 0.9), GATE, tests, 0.05)
+    assert not ok and "may be noise" in why and rows[0].verdict == "gain, not significant"
+    assert rows[0].alpha == 0.025  # Bonferroni over the two gated metrics
+    # a clearly better model on the same cases promotes
+    better = {"mmrad": load_evidence(_evidence(tmp_path / "d" / "mmrad", 0.95, 0.90))}
+    tests = registry.paired_tests(better, champion, (values(0.95, 0.9), values(0.8, 0.9)), list(GATE))
+    ok, rows, why = registry.evaluate_gate(values(0.95, 0.9), values(0.8, 0.9), GATE, tests, 0.05)
+    assert ok and rows[0].verdict == "gain" and rows[0].p_value < 1e-4
+    assert tests["fundus.pixel_auroc"].test == "paired bootstrap"
+    # other test cases: no paired test, so no gain counts
+    moved = {"mmrad": load_evidence(_evidence(tmp_path / "e" / "mmrad", 0.95, 0.90))}
+    moved["mmrad"].case_ids = moved["mmrad"].case_ids[::-1]
+    tests = registry.paired_tests(moved, champion, (values(0.95, 0.9), values(0.8, 0.9)), list(GATE))
+    assert "different test cases" in tests["detection.fusion"]
+    ok, rows, why = registry.evaluate_gate(values(0.95, 0.9), values(0.8, 0.9), GATE, tests, 0.05)
+    assert not ok and rows[0].verdict == "gain, untested"
 
 
 # --------------------------------------------------------------------------- a real store
@@ -58,7 +118,7 @@ def _open_store(uri: str, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     raw = tiny_params_dict()
-    raw["tracking"] = {"experiment": "test", "model_name": "mmrad-test",
+    raw["tracking"] = {"experiment": "test", "model_name": "mmrad-test", "significance": 0.05,
                        "gate": {k: v.model_dump() for k, v in GATE.items()}}
     params = Params.model_validate(raw)
     params_file = tmp_path / "params.yaml"
@@ -67,11 +127,16 @@ def _open_store(uri: str, tmp_path: Path, monkeypatch):
     client.create_registered_model("mmrad-test")
     experiment = client.create_experiment("test")
 
-    def add_version(fusion: float, fundus: float) -> str:
-        """A run with these metrics, registered as a new version and made challenger (as the register stage does)."""
+    def add_version(fusion: float, fundus: float, noise: int = 0, evidence: bool = True) -> str:
+        """A run with these metrics and per-case evidence made for them (``_evidence``), registered as a new
+        version and made challenger (as the register stage does)."""
         run = client.create_run(experiment)
         client.log_metric(run.info.run_id, "detection.fusion", fusion)
         client.log_metric(run.info.run_id, "fundus.pixel_auroc", fundus)
+        if evidence:
+            folder = _evidence(tmp_path / f"evidence-{run.info.run_id}" / "mmrad", fusion, fundus, noise)
+            for file in folder.iterdir():
+                client.log_artifact(run.info.run_id, str(file), f"{EVIDENCE}/mmrad")
         client.set_terminated(run.info.run_id)
         version = client.create_model_version("mmrad-test", f"runs:/{run.info.run_id}/model", run.info.run_id)
         client.set_registered_model_alias("mmrad-test", CHALLENGER, version.version)
@@ -105,9 +170,15 @@ def test_promote_follows_the_gate_and_rollback_restores(store):
     assert "regression" in refused.table() and "FAIL" in refused.table()
     assert "mmrad.promoted_at" not in client.get_model_version("mmrad-test", v2).tags  # a failed gate writes nothing
 
-    v3 = add_version(0.83, 0.90)
+    add_version(0.815, 0.90, noise=3)  # +0.015 from a retrain with another seed: within noise, refused
+    noisy = registry.promote(params)
+    assert not noisy.promoted and "may be noise" in noisy.reason and _champion(client) == v1
+
+    v3 = add_version(0.90, 0.90)
     dry = registry.promote(params, dry_run=True)
     assert dry.passed and not dry.promoted and _champion(client) == v1
+    table = dry.table()  # gain, interval and p-value per gated metric
+    assert "95 % CI of delta" in table and "+0.1000" in table and "<0.001" in table
     promoted = registry.promote(params, user="bob")
     assert promoted.promoted and _champion(client) == v3
     tags = client.get_model_version("mmrad-test", v3).tags
@@ -148,7 +219,7 @@ def test_two_concurrent_promotions_leave_one_champion(store):
     params, params_file, add_version, client = store
     add_version(0.80, 0.90)
     registry.promote(params)
-    v2 = add_version(0.90, 0.95)
+    v2 = add_version(0.95, 0.95)
     command = [sys.executable, "-m", "mmrad", "--params", str(params_file), "registry", "promote"]
     procs = [subprocess.Popen(command, cwd=PROJECT, env=os.environ.copy(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -184,6 +255,11 @@ def test_register_logs_lineage_metrics_and_a_loadable_model(registered_tiny, pre
     assert run.data.params["train.steps"] == str(params.train.steps) and run.data.params["model.encoder"] == "vit_tiny"
     assert run.data.metrics["detection.fusion"] == evaluation["detection"]["fusion"]
     assert run.data.metrics["fundus.pixel_auroc"] == evaluation["localisation"]["fundus"]["pixel_auroc"]
+    m = run.data.metrics
+    assert m["fundus.pixel_auroc.ci_low"] <= m["fundus.pixel_auroc"] <= m["fundus.pixel_auroc.ci_high"]
+    # the per-case evidence the gate's paired tests read
+    assert {a.path for a in client.list_artifacts(record["run_id"], f"{EVIDENCE}/mmrad")} == {
+        f"{EVIDENCE}/mmrad/scores.csv", f"{EVIDENCE}/mmrad/replicates.parquet"}
     history = client.get_metric_history(record["run_id"], "train.loss")
     assert [m.step for m in history] == list(range(1, params.train.steps + 1))
     tags = run.data.tags
@@ -213,7 +289,7 @@ def test_promotion_against_a_real_mlflow_server(tmp_path, monkeypatch):
         assert registry.promote(params, user="ops").promoted
         add_version(0.70, 0.90)
         assert not registry.promote(params).promoted  # refused by the gate
-        v3 = add_version(0.85, 0.91)
+        v3 = add_version(0.95, 0.91)
         assert registry.promote(params).promoted
         assert str(client.get_model_version_by_alias("mmrad-test", CHAMPION).version) == v3
         assert registry.rollback(params) == (v3, v1)

@@ -1,0 +1,125 @@
+"""Uncertainty (mmrad.evaluation.uncertainty): intervals and paired tests against references, in numbers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from mmrad.evaluation import metrics, uncertainty
+
+
+def _brute_delong(a, b, y):
+    """DeLong 1988 written out with double loops: structural components, their covariances, z."""
+    y = np.asarray(y, bool)
+
+    def psi(x, z):
+        return 1.0 if x > z else 0.5 if x == z else 0.0
+
+    comps = []
+    for s in (a, b):
+        pos, neg = s[y], s[~y]
+        v10 = np.array([np.mean([psi(p, q) for q in neg]) for p in pos])
+        v01 = np.array([np.mean([psi(p, q) for p in pos]) for q in neg])
+        comps.append((v10.mean(), v10, v01))
+    m, n = y.sum(), (~y).sum()
+    s10 = np.cov(np.vstack([comps[0][1], comps[1][1]]))
+    s01 = np.cov(np.vstack([comps[0][2], comps[1][2]]))
+    cov = s10 / m + s01 / n
+    var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+    return comps[0][0], comps[1][0], var
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_delong_equals_the_brute_force_reference_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    y = np.r_[np.ones(9, bool), np.zeros(12, bool)]
+    a = np.round(rng.normal(y * 0.8, 1.0), 1)  # rounded: ties within and across classes
+    b = np.round(a + rng.normal(0, 0.7, y.size), 1)
+    result = uncertainty.delong(a, b, y)
+    auc_a, auc_b, var = _brute_delong(a, b, y)
+    assert result.auc_a == pytest.approx(auc_a, abs=1e-12) == pytest.approx(roc_auc_score(y, a), abs=1e-12)
+    assert result.auc_b == pytest.approx(auc_b, abs=1e-12)
+    assert result.std_error ** 2 == pytest.approx(var, rel=1e-10)
+    assert 0.0 < result.p_value <= 1.0
+
+
+def test_delong_identical_scores_give_p_one_and_a_clear_difference_a_small_p():
+    rng = np.random.default_rng(3)
+    y = np.r_[np.ones(60, bool), np.zeros(60, bool)]
+    good = rng.normal(y * 2.0, 1.0)
+    assert uncertainty.delong(good, good, y).p_value == 1.0
+    noise = rng.normal(0, 1.0, y.size)
+    result = uncertainty.delong(good, noise, y)
+    assert result.difference > 0.3 and result.p_value < 1e-6
+    with pytest.raises(ValueError, match="only one class"):
+        uncertainty.delong(good, noise, np.ones(y.size))
+
+
+def test_case_weights_keep_class_counts_and_depend_only_on_labels_and_seed():
+    labels = np.r_[np.zeros(7), np.ones(5)].astype(int)
+    w = uncertainty.case_weights(labels, 300, seed=11)
+    assert w.shape == (300, 12)
+    assert (w[:, labels == 0].sum(1) == 7).all() and (w[:, labels == 1].sum(1) == 5).all()
+    assert np.array_equal(w, uncertainty.case_weights(labels, 300, seed=11))
+    assert not np.array_equal(w, uncertainty.case_weights(labels, 300, seed=12))
+    assert 0.3 < (w == 0).mean() < 0.45  # each case left out of about (1 - 1/n)^n of the resamples
+
+
+def test_detection_replicates_are_exact_weighted_aurocs():
+    rng = np.random.default_rng(4)
+    labels = np.r_[np.ones(8), np.zeros(10)].astype(int)
+    scores = np.round(rng.normal(labels, 1.0), 1)
+    w = uncertainty.case_weights(labels, 5, seed=1)
+    reps = uncertainty.detection_replicates(scores, labels, w)
+    for row, value in zip(w, reps):
+        idx = np.repeat(np.arange(labels.size), row)  # the resample written out case by case
+        assert value == pytest.approx(roc_auc_score(labels[idx], scores[idx]), abs=1e-12)
+
+
+def test_bootstrap_interval_matches_the_large_sample_reference():
+    """Binormal scores, n = 150 + 150: the bootstrap SE of the AUROC equals DeLong's SE (a large-sample
+    reference) within 15 %, and the 95 % interval covers the true AUC Phi(d / sqrt 2)."""
+    rng = np.random.default_rng(5)
+    labels = np.r_[np.ones(150), np.zeros(150)].astype(int)
+    d = 1.0
+    scores = rng.normal(labels * d, 1.0)
+    reps = uncertainty.detection_replicates(scores, labels, uncertainty.case_weights(labels, 2000, seed=2))
+    se_delong = uncertainty.delong(scores, scores + 0.0, labels)  # same scores: use one AUC's components
+    auc, v10, v01 = uncertainty.delong_components(scores, labels.astype(bool))
+    se_ref = math.sqrt(v10.var(ddof=1) / v10.size + v01.var(ddof=1) / v01.size)
+    assert reps.std() == pytest.approx(se_ref, rel=0.15)
+    assert se_delong.auc_a == pytest.approx(auc)
+    low, high = uncertainty.percentile_interval(reps)
+    true_auc = 0.5 * math.erfc(-d / 2)  # Phi(d / sqrt(2))
+    assert low < true_auc < high and 0.05 < high - low < 0.15
+
+
+def test_binned_pixel_metrics_equal_the_exact_ones_within_the_bin_width():
+    rng = np.random.default_rng(6)
+    masks = np.zeros((12, 32, 32), bool)
+    masks[:6, 8:16, 8:18] = True
+    masks[2, 20:26, 2:9] = True
+    maps = rng.normal(0, 1, masks.shape).astype(np.float32) + 1.5 * masks
+    hist = uncertainty.PixelHistograms(maps, ~masks, bins=512)
+    w = uncertainty.case_weights(masks.any(axis=(1, 2)), 3, seed=0)
+    reps = uncertainty.pixel_replicates(hist, masks, w)
+    assert reps["pixel_auroc"][0] == pytest.approx(metrics.pixel_auroc(maps, masks), abs=2e-3)
+    assert reps["aupro"][0] == pytest.approx(metrics.aupro(maps, masks), abs=5e-3)
+    # a resample is the same as evaluating the resampled stack
+    idx = np.repeat(np.arange(12), w[0])
+    assert reps["pixel_auroc"][1] == pytest.approx(metrics.pixel_auroc(maps[idx], masks[idx]), abs=2e-3)
+    assert reps["aupro"][1] == pytest.approx(metrics.aupro(maps[idx], masks[idx]), abs=5e-3)
+
+
+def test_paired_bootstrap_p_and_wilson():
+    rng = np.random.default_rng(7)
+    a = rng.normal(0.8, 0.02, 1000)
+    assert uncertainty.paired_bootstrap_p(a, a) == 1.0
+    assert uncertainty.paired_bootstrap_p(a + 0.1, a) == pytest.approx(2 / 1001)
+    low, high = uncertainty.wilson(0, 10)
+    assert low == 0.0 and high == pytest.approx(3.8415 / 13.8415, abs=1e-4)
+    low, high = uncertainty.wilson(5, 10)
+    assert (low, high) == pytest.approx((0.2366, 0.7634), abs=1e-4)
