@@ -117,7 +117,7 @@ def render(results: dict[str, dict], context: dict, transfer: dict[str, dict] | 
                   "| metric | first | second | first | second | difference [95 % CI] | p | test |",
                   "|---|---|---|---:|---:|---:|---:|---|"]
         for label_a, label_b, c in comparisons:
-            lines.append(f"| {c.metric} | {label_a} | {label_b} | {c.a:.4f} | {c.b:.4f} | {c.difference:+.4f} "
+            lines.append(f"| {c.metric.replace('|', ' vs ')} | {label_a} | {label_b} | {c.a:.4f} | {c.b:.4f} | {c.difference:+.4f} "
                          f"[{c.low:+.3f}, {c.high:+.3f}] | {_p(c.p_value)} | {c.test} |")
     if MAIN in results:
         r = results[MAIN]
