@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from mmrad.data.splits import load_split
 from mmrad.evaluation.evaluate import run_evaluation
 from mmrad.ops import registry
-from mmrad.ops.tracking import CHALLENGER, CHAMPION, flatten, log_and_register
+from mmrad.ops.tracking import CHALLENGER, CHAMPION, EVIDENCE, flatten, log_and_register
 from tests.servers import libpq_dsn, mlflow_server, postgres_url  # noqa: F401 (a fixture)
 from tests.unit.ops.test_registry import GATE, _champion, _open_store
 
@@ -75,8 +75,8 @@ def test_registry_on_a_postgres_backed_server_survives_a_restart(server, postgre
     client.log_artifact(run_id, str(tmp_path / "note.txt"))
     run = client.get_run(run_id)
     assert run.data.params == {"train.lr": "0.0003"}
-    assert run.data.metrics == {"detection.fusion": 0.85, "fundus.pixel_auroc": 0.91}
-    assert [a.path for a in client.list_artifacts(run_id)] == ["note.txt"]
+    assert run.data.metrics == {"detection.fusion": 0.95, "fundus.pixel_auroc": 0.91}
+    assert [a.path for a in client.list_artifacts(run_id)] == [EVIDENCE, "note.txt"]  # evidence: the gate's per-case files
     assert [p.read_text() for p in server.artifacts.rglob("note.txt")] == ["champion notes\n"]  # proxied to disk
     version, aliases = registry.list_versions(params).splitlines()[1].split()[:2]
     assert version == v3 and set(aliases.split(",")) == {CHAMPION, CHALLENGER}
@@ -93,7 +93,7 @@ def test_registry_on_a_postgres_backed_server_survives_a_restart(server, postgre
                       "mmrad-test", int(v3)))
     assert tags[registry.PREVIOUS] == v1 and tags["mmrad.promoted_by"] == "ops" and tags["mmrad.promotion"] == "gate"
     assert dict(_rows(postgres_url, "SELECT key, value FROM latest_metrics WHERE run_uuid = %s", run_id)) == \
-        {"detection.fusion": 0.85, "fundus.pixel_auroc": 0.91}
+        {"detection.fusion": 0.95, "fundus.pixel_auroc": 0.91}
     assert _rows(postgres_url, "SELECT key, value FROM params WHERE run_uuid = %s", run_id) == [("train.lr", "0.0003")]
 
     # a restarted server on the same database (same port) serves the same registry, and writes to it
