@@ -2,16 +2,30 @@
 
 LabelMe stores one JSON per image (keys: version, flags, shapes, imagePath,
 imageData, imageHeight, imageWidth). Each shape has a ``label`` (here a numeric
-symptom id such as "3"), ``points`` as [x, y] floats, and a ``shape_type``.
-Shapes are drawn with Pillow exactly as LabelMe's own ``shape_to_mask`` does
-(outline included), so our masks equal what LabelMe users get from their tools.
+symptom id such as "3"), ``points`` as [x, y] numbers, and a ``shape_type``.
+Shapes are drawn with Pillow exactly as LabelMe's own ``shape_to_mask``
+(``labelme/_utils/shape.py``) does, so our masks equal what LabelMe users get
+from their tools: polygon, rectangle and circle filled with their outline,
+line and linestrip drawn ``LINE_WIDTH`` px wide (a linestrip with rounded
+joints, as LabelMe >= 7 does), a point as a disc of radius ``POINT_SIZE``.
 
-Rules enforced (each breach raises ``DataError`` naming the JSON file):
-  * the file parses as a JSON object with ``shapes``, ``imageHeight``, ``imageWidth``;
-  * imageHeight / imageWidth equal the image's size;
-  * ``imagePath`` (relative to the JSON, backslashes allowed) stays inside the dataset folder;
+Rules enforced (each breach raises ``DataError`` naming the JSON file and the rule):
+  * the file is UTF-8 (a byte-order mark is allowed) and parses as a JSON object
+    with ``shapes``, ``imageHeight`` and ``imageWidth``;
+  * imageHeight / imageWidth are positive integers (not booleans; an integral
+    float such as 512.0, written by some converters, is accepted as 512) and
+    equal the image's size;
+  * ``shapes`` is a list of objects; each has a string ``label``, a ``shape_type``
+    LabelMe knows (missing or null means polygon) and ``points``, a list of
+    [x, y] pairs of finite numbers;
+  * ``imageData``, when present and not null, is the base64 text of an image file
+    whose size (read from its header) equals imageHeight x imageWidth;
+    invalid base64 or an undecodable image breaks the rule too;
+  * ``imagePath`` is a string or null and (relative to the JSON, backslashes
+    allowed) stays inside the dataset folder;
   * every label is a known numeric class id of the modality;
-  * polygons have at least 3 points, rectangles and circles exactly 2, lines at least 2;
+  * polygons and linestrips have at least 3 and 2 points; rectangles, circles,
+    lines and masks exactly 2, oriented rectangles 4, points 1;
   * every point lies inside the image (with a tolerance of ``BOUNDS_TOLERANCE`` px,
     because LabelMe stores the click position, which may sit on the border).
 """
@@ -19,8 +33,10 @@ Rules enforced (each breach raises ``DataError`` naming the JSON file):
 from __future__ import annotations
 
 import base64
+import binascii
 import io
 import json
+import math
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
@@ -29,29 +45,104 @@ from scipy import ndimage
 from skimage import measure  # find_contours only (exact on 0/1 masks)
 
 from mmrad.core.errors import DataError
-from mmrad.core.io import atomic_write_text
+from mmrad.core.outputs import atomic_write_text
 
 BOUNDS_TOLERANCE = 1.0
-LINE_WIDTH = 3  # px at the annotated resolution, for line / linestrip shapes
-POINT_RADIUS = 2  # px, for point shapes
-_MIN_POINTS = {"polygon": 3, "rectangle": 2, "circle": 2, "line": 2, "linestrip": 2, "point": 1, "mask": 2}
+LINE_WIDTH = 10  # px, line / linestrip width: labelme's value (shape_to_mask's line_width)
+POINT_SIZE = 5  # px, radius of a point shape: labelme's value (shape_to_mask's point_size)
+# shape_type -> (fewest points, most points or None)
+_POINTS = {"polygon": (3, None), "linestrip": (2, None), "rectangle": (2, 2), "circle": (2, 2), "line": (2, 2),
+           "mask": (2, 2), "oriented_rectangle": (4, 4), "point": (1, 1)}
 LABELME_VERSION = "5.4.1"
 
 
+def _short(value) -> str:
+    """A bad value for the message: its repr, cut to 40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def load(path: Path) -> dict:
-    """Parse a LabelMe file and check its top-level structure."""
+    """Parse a LabelMe file and check the type of every field used (rules in the module docstring).
+
+    Returns the parsed dict with imageHeight / imageWidth as ints.
+    """
+    path = Path(path)
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as exc:
+        raise DataError(path, "LabelMe file cannot be read", str(exc)) from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(path, "LabelMe file is not UTF-8 text", str(exc)) from exc
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, or an integer of over 4300 digits
         raise DataError(path, "LabelMe JSON is malformed", str(exc)) from exc
     if not isinstance(data, dict):
-        raise DataError(path, "LabelMe JSON must be an object")
+        raise DataError(path, "LabelMe JSON must be an object", f"got {type(data).__name__}")
     for key in ("shapes", "imageHeight", "imageWidth"):
         if key not in data:
             raise DataError(path, f"LabelMe JSON lacks required key '{key}'")
+    for key in ("imageHeight", "imageWidth"):
+        data[key] = _size(path, key, data[key])
     if not isinstance(data["shapes"], list):
-        raise DataError(path, "LabelMe 'shapes' must be a list")
+        raise DataError(path, "LabelMe 'shapes' must be a list", f"got {type(data['shapes']).__name__}")
+    for index, shape in enumerate(data["shapes"]):
+        _check_shape(path, index, shape)
+    if not isinstance(data.get("imagePath"), str | None):
+        raise DataError(path, "LabelMe imagePath must be a string or null", f"got {_short(data['imagePath'])}")
+    _check_image_data(path, data)
     return data
+
+
+def _size(path: Path, key: str, value) -> int:
+    """imageHeight / imageWidth: a positive int; an integral float (512.0) counts as one, a bool does not."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise DataError(path, f"LabelMe {key} must be a positive integer", f"got {_short(value)}")
+    return value
+
+
+def _is_number(value) -> bool:
+    """An int or a finite float; a bool is not a number here (ints are finite, and may exceed a float)."""
+    return not isinstance(value, bool) and (isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)))
+
+
+def _check_shape(path: Path, index: int, shape) -> None:
+    if not isinstance(shape, dict):
+        raise DataError(path, "LabelMe shape must be an object", f"shape {index}: got {_short(shape)}")
+    if not isinstance(shape.get("label"), str):
+        raise DataError(path, "LabelMe shape label must be a string", f"shape {index}: got {_short(shape.get('label'))}")
+    kind = shape.get("shape_type")
+    if kind is not None and not (isinstance(kind, str) and kind in _POINTS):
+        raise DataError(path, "unsupported shape_type", f"shape {index}: {_short(kind)}; known: {', '.join(_POINTS)}")
+    points = shape.get("points")
+    if not (isinstance(points, list)
+            and all(isinstance(p, list) and len(p) == 2 and all(map(_is_number, p)) for p in points)):
+        raise DataError(path, "LabelMe shape points must be a list of [x, y] number pairs",
+                        f"shape {index}: got {_short(points)}")
+
+
+def _check_image_data(path: Path, data: dict) -> None:
+    """imageData, unless absent or null: a base64 image file of imageHeight x imageWidth (only its header is read)."""
+    raw = data.get("imageData")
+    if raw is None:
+        return
+    if not isinstance(raw, str):
+        raise DataError(path, "LabelMe imageData must be a base64 string or null", f"got {type(raw).__name__}")
+    try:
+        payload = base64.b64decode("".join(raw.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise DataError(path, "LabelMe imageData is not valid base64", str(exc)) from exc
+    try:
+        with Image.open(io.BytesIO(payload)) as image:
+            width, height = image.size
+    except Exception as exc:  # Pillow raises many types for a bad header; all break the same rule
+        raise DataError(path, "LabelMe imageData is not a decodable image", f"{type(exc).__name__}: {exc}") from exc
+    if (height, width) != (data["imageHeight"], data["imageWidth"]):
+        raise DataError(path, "LabelMe imageData size differs from imageHeight/imageWidth",
+                        f"imageData {height}x{width}, declared {data['imageHeight']}x{data['imageWidth']}")
 
 
 def check_image_path(path: Path, data: dict, dataset_root: Path) -> None:
@@ -59,6 +150,8 @@ def check_image_path(path: Path, data: dict, dataset_root: Path) -> None:
     raw = data.get("imagePath")
     if not raw:
         return
+    if "\0" in raw:
+        raise DataError(path, "imagePath is not a valid path", "it holds a NUL character")
     # LabelMe written on Windows uses backslashes; treat both separators alike.
     parts = PureWindowsPath(raw).parts if "\\" in raw else PurePosixPath(raw).parts
     if PurePosixPath(raw).is_absolute() or PureWindowsPath(raw).is_absolute():
@@ -68,9 +161,14 @@ def check_image_path(path: Path, data: dict, dataset_root: Path) -> None:
         raise DataError(path, "imagePath escapes the dataset folder", raw)
 
 
-def rasterise(path: Path, data: dict, height: int, width: int, class_ids: set[int]) -> dict[int, np.ndarray]:
-    """Per-class bool masks of shape (height, width) from a validated LabelMe dict."""
-    if (int(data["imageHeight"]), int(data["imageWidth"])) != (height, width):
+def rasterise(path: Path, data: dict, height: int, width: int, class_ids: set[int], *,
+              line_width: int = LINE_WIDTH, point_size: int = POINT_SIZE) -> dict[int, np.ndarray]:
+    """Per-class bool masks of shape (height, width) from a dict that ``load`` returned.
+
+    ``line_width`` (line, linestrip) and ``point_size`` (radius of a point) default
+    to labelme's values, as in its ``shape_to_mask``.
+    """
+    if (data["imageHeight"], data["imageWidth"]) != (height, width):
         raise DataError(
             path, "LabelMe imageHeight/imageWidth differ from the image",
             f"json {data['imageHeight']}x{data['imageWidth']}, image {height}x{width}",
@@ -78,73 +176,71 @@ def rasterise(path: Path, data: dict, height: int, width: int, class_ids: set[in
     masks: dict[int, np.ndarray] = {}
     for index, shape in enumerate(data["shapes"]):
         class_id = _class_id(path, index, shape, class_ids)
-        mask = _shape_mask(path, index, shape, height, width)
+        mask = _shape_mask(path, index, shape, height, width, line_width, point_size)
         masks[class_id] = masks.get(class_id, np.zeros((height, width), bool)) | mask
     return masks
 
 
 def _class_id(path: Path, index: int, shape: dict, class_ids: set[int]) -> int:
-    label = str(shape.get("label", "")).strip()
-    try:
-        class_id = int(label)
-    except ValueError:
-        class_id = None
+    label = shape["label"].strip()
+    class_id = int(label) if label.isascii() and label.isdigit() else None
     if class_id not in class_ids:
-        raise DataError(path, f"unknown class label {label!r} in shape {index}",
-                        f"known ids: {sorted(class_ids)}")
+        raise DataError(path, f"unknown class label {_short(label)}",
+                        f"shape {index}; known ids: {sorted(class_ids)}")
     return class_id
 
 
-def _shape_mask(path: Path, index: int, shape: dict, height: int, width: int) -> np.ndarray:
+def _shape_mask(path: Path, index: int, shape: dict, height: int, width: int,
+                line_width: int, point_size: int) -> np.ndarray:
+    """One shape drawn as labelme's shape_to_mask draws it (``load`` checked the types)."""
     kind = shape.get("shape_type") or "polygon"
-    if kind not in _MIN_POINTS:
-        raise DataError(path, f"unsupported shape_type {kind!r} in shape {index}")
-    try:
-        points = [(float(x), float(y)) for x, y in shape.get("points", [])]
-    except (TypeError, ValueError) as exc:
-        raise DataError(path, f"shape {index} has malformed points") from exc
-    need = _MIN_POINTS[kind]
-    if len(points) < need or (kind in ("rectangle", "circle") and len(points) != 2):
-        rule = f"{kind} needs at least {need} points" if kind not in ("rectangle", "circle") \
-            else f"{kind} needs exactly 2 points"
-        raise DataError(path, f"{rule} (shape {index} has {len(points)})")
-    for x, y in points:
+    points = shape["points"]
+    fewest, most = _POINTS[kind]
+    if not fewest <= len(points) <= (most or len(points)):
+        need = f"exactly {fewest}" if fewest == most else f"at least {fewest}"
+        raise DataError(path, f"{kind} needs {need} points", f"shape {index} has {len(points)}")
+    for x, y in points:  # exact comparisons: an int too large for a float still fails cleanly
         if not (-BOUNDS_TOLERANCE <= x <= width - 1 + BOUNDS_TOLERANCE
                 and -BOUNDS_TOLERANCE <= y <= height - 1 + BOUNDS_TOLERANCE):
-            raise DataError(path, f"shape {index} has a point out of the image bounds",
-                            f"({x:g}, {y:g}) outside {width}x{height}")
-
+            raise DataError(path, "shape has a point out of the image bounds",
+                            f"shape {index}: ({_short(x)}, {_short(y)}) outside {width}x{height}")
+    if kind == "mask":
+        return _mask_shape(path, index, shape, points, height, width)
+    xy = [(float(x), float(y)) for x, y in points]
     canvas = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(canvas)
-    if kind == "polygon":
-        draw.polygon(points, outline=1, fill=1)
+    if kind in ("polygon", "oriented_rectangle"):
+        draw.polygon(xy, outline=1, fill=1)
     elif kind == "rectangle":
-        (x0, y0), (x1, y1) = points
+        (x0, y0), (x1, y1) = xy
         draw.rectangle([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], outline=1, fill=1)
     elif kind == "circle":
-        (cx, cy), (px, py) = points
+        (cx, cy), (px, py) = xy
         r = float(np.hypot(cx - px, cy - py))
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=1, fill=1)
-    elif kind in ("line", "linestrip"):
-        draw.line(points, fill=1, width=LINE_WIDTH)
-    elif kind == "point":
-        cx, cy = points[0]
-        draw.ellipse([cx - POINT_RADIUS, cy - POINT_RADIUS, cx + POINT_RADIUS, cy + POINT_RADIUS], outline=1, fill=1)
-    else:  # "mask": a base64 PNG covering the box from points[0] to points[1]
-        return _mask_shape(path, index, shape, points, height, width)
+    elif kind == "line":
+        draw.line(xy, fill=1, width=line_width)
+    elif kind == "linestrip":
+        draw.line(xy, fill=1, width=line_width, joint="curve")
+    else:  # point
+        (cx, cy), r = xy[0], point_size
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=1, fill=1)
     return np.asarray(canvas, dtype=bool)
 
 
 def _mask_shape(path, index, shape, points, height, width) -> np.ndarray:
+    """A base64 PNG whose top-left pixel is points[0], clipped to the image as labelme clips it."""
     try:
-        patch = np.asarray(Image.open(io.BytesIO(base64.b64decode(shape["mask"])))) > 0
+        with Image.open(io.BytesIO(base64.b64decode(shape["mask"]))) as image:
+            patch = np.asarray(image.convert("L")) > 0
     except Exception as exc:  # any decoding failure is the same broken rule
-        raise DataError(path, f"shape {index} has an undecodable mask", str(exc)) from exc
-    x0, y0 = (int(round(v)) for v in points[0])
+        raise DataError(path, "mask shape has an undecodable mask", f"shape {index}: {type(exc).__name__}: {exc}") from exc
+    x0, y0 = (int(round(float(v))) for v in points[0])
     out = np.zeros((height, width), bool)
-    h = min(patch.shape[0], height - y0)
-    w = min(patch.shape[1], width - x0)
-    out[y0:y0 + h, x0:x0 + w] = patch[:h, :w]
+    top, left = max(y0, 0), max(x0, 0)
+    bottom, right = min(y0 + patch.shape[0], height), min(x0 + patch.shape[1], width)
+    if top < bottom and left < right:
+        out[top:bottom, left:right] = patch[top - y0:bottom - y0, left - x0:right - x0]
     return out
 
 

@@ -1,4 +1,4 @@
-"""RESC (retinal edema OCT B-scans) in the anomaly-detection layouts in use.
+"""RESC (retinal edema OCT B-scans) in the anomaly-detection layouts real copies use.
 
 Layout "nested" (the common AD copy; our synthetic writer uses it):
 
@@ -6,12 +6,23 @@ Layout "nested" (the common AD copy; our synthetic writer uses it):
     RESC/Val/val/{good,Ungood}/*.png      RESC/Val/val_label/Ungood/*.png
     RESC/Test/test/{good,Ungood}/*.png    RESC/Test/test_label/Ungood/*.png
 
-Layout "flat" (another copy):
+Layout "flat" (BMAD's RESC, which anomalib's BMAD reader reads, and other copies):
 
-    RESC/{train,valid,test}/{good,Ungood}/img/*.png
-    RESC/{valid,test}/Ungood/{label|anomaly_mask}/*.png
+    RESC/train/good/*.png                 or RESC/train/good/img/*.png
+    RESC/{val|valid}/{good,Ungood}/img/*.png
+    RESC/{val|valid}/Ungood/{label|anomaly_mask}/*.png
+    RESC/test/{good,Ungood}/img/*.png     RESC/test/Ungood/{label|anomaly_mask}/*.png
 
-Folder names are matched ignoring case. A mask has its image's file name.
+Rules (each breach raises ``DataError`` naming the folder or file):
+  * folder names are matched ignoring case and surrounding spaces (BMAD writes
+    "ungood", other copies "Ungood");
+  * flat layout: a good / Ungood folder holds its images in ``img/`` or directly,
+    not both; the validation split is ``val`` or ``valid``, and masks are in
+    ``label/`` or ``anomaly_mask/``: both names present is ambiguous, an error;
+  * a root matching neither layout is an error listing the accepted ones;
+  * an Ungood image has a mask of the same file name; train holds good images
+    only; train and test are not empty (val may be absent).
+
 Mask values of the original release (255 edema, 191 subretinal fluid, 128
 pigment epithelial detachment) become classes 1-3; any other non-zero value
 (binarised copies) counts as class 1.
@@ -31,17 +42,34 @@ from mmrad.data.datasets.base import Sample, check_splits, child
 NAME = "resc"
 # our split name -> (outer folder, inner folder, label folder) of the nested layout
 NESTED = {"train": ("Train", "train", None), "val": ("Val", "val", "val_label"), "test": ("Test", "test", "test_label")}
-FLAT = {"train": "train", "val": "valid", "test": "test"}
+# our split name -> the folder names the flat layout may use for it
+FLAT = {"train": ("train",), "val": ("val", "valid"), "test": ("test",)}
+MASK_FOLDERS = ("label", "anomaly_mask")
 LABELS = {"good": 0, "Ungood": 1}
+LAYOUTS = ("nested RESC/Train/train/good/*.png; "
+           "flat RESC/train/good/[img/]*.png with RESC/{val|valid,test}/{good,Ungood}/[img/]*.png")
 
 
 def layout(root: Path) -> str:
+    """The layout of ``root``, "nested" or "flat" (module docstring); else a DataError listing both."""
     outer = child(root, "Train", required=False)
     if outer is not None and child(outer, "train", required=False) is not None:
         return "nested"
     if child(root, "train", required=False) is not None:
         return "flat"
-    raise DataError(root, "not a RESC anomaly-detection layout (expected Train/train/good or train/good/img)")
+    raise DataError(root, "not a RESC anomaly-detection layout", f"accepted: {LAYOUTS}")
+
+
+def _one_of(folder: Path, names: tuple[str, ...], what: str) -> Path | None:
+    """The entry of ``folder`` named one of ``names`` (ignoring case); None if none, an error if several."""
+    found = [entry for name in names if (entry := child(folder, name, required=False)) is not None]
+    if len(found) > 1:
+        raise DataError(folder, f"ambiguous {what}", f"{' and '.join(e.name for e in found)} both exist")
+    return found[0] if found else None
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _folders(root: Path, kind: str, split: str, label_name: str) -> tuple[Path | None, Path | None]:
@@ -56,12 +84,16 @@ def _folders(root: Path, kind: str, split: str, label_name: str) -> tuple[Path |
         if label_dir and label_name == "Ungood":
             masks = child(child(outer_dir, label_dir), label_name, required=False)
         return images, masks
-    split_dir = child(root, FLAT[split], required=False)
+    split_dir = _one_of(root, FLAT[split], f"{split} split folder")
     label_root = split_dir and child(split_dir, label_name, required=False)
     if label_root is None:
         return None, None
-    masks = child(label_root, "label", required=False) or child(label_root, "anomaly_mask", required=False)
-    return child(label_root, "img"), masks
+    images = child(label_root, "img", required=False)
+    if images is None:
+        images = label_root
+    elif _images(label_root):
+        raise DataError(label_root, "images both in img/ and directly in the folder")
+    return images, _one_of(label_root, MASK_FOLDERS, "mask folder")
 
 
 def scan(root: Path) -> list[Sample]:
@@ -75,7 +107,7 @@ def scan(root: Path) -> list[Sample]:
                 continue
             if split == "train" and label == 1:
                 raise DataError(image_dir, "the training split holds normal (good) images only")
-            for image in sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            for image in _images(image_dir):
                 masks: tuple[Path, ...] = ()
                 if label == 1:
                     mask = mask_dir and child(mask_dir, image.name, required=False)

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from mmrad.core.errors import DataError
+from mmrad.core.io import write_image
 from mmrad.data.datasets import idrid, mmr, resc
 
 # --- MMR -------------------------------------------------------------------------------
@@ -169,17 +170,84 @@ def test_resc_folder_case_is_ignored(dataset_copy):
 def test_resc_flat_layout_reads_the_same_samples(synthetic_root, tmp_path):
     nested = synthetic_root / "RESC"
     flat = tmp_path / "RESC"
-    for split, folder in resc.FLAT.items():
+    for split, folders in resc.FLAT.items():
         outer, inner, labels = resc.NESTED[split]
         for label in ("good", "Ungood"):
             source = nested / outer / inner / label
             if source.is_dir():
-                shutil.copytree(source, flat / folder / label / "img")
+                shutil.copytree(source, flat / folders[-1] / label / "img")
             if labels and (nested / outer / labels / label).is_dir():
-                shutil.copytree(nested / outer / labels / label, flat / folder / label / "anomaly_mask")
+                shutil.copytree(nested / outer / labels / label, flat / folders[-1] / label / "anomaly_mask")
     assert resc.layout(flat) == "flat"
     key = lambda s: (s.split, s.label, s.case_id)  # noqa: E731
     assert sorted(map(key, resc.scan(flat))) == sorted(map(key, resc.scan(nested)))
+
+
+def _resc_tree(root, files):
+    """Tiny real PNGs at the given paths under root: masks (in label/ or anomaly_mask/) 255, images 80."""
+    for name in files:
+        mask = "label/" in name.lower() or "anomaly_mask/" in name.lower()
+        write_image(root / name, np.full((6, 8), 255 if mask else 80, np.uint8))
+    return root
+
+
+RESC_TREES = {
+    # BMAD's RESC as anomalib reads it: train/good flat, val (not valid), lower-case ungood, label/ masks
+    # (an all-black label/ folder beside good images, as some copies have, is ignored).
+    "bmad": (["train/good/1.png", "train/good/2.png", "val/good/img/3.png", "val/ungood/img/4.png",
+              "val/ungood/label/4.png", "test/good/img/5.png", "test/good/label/5.png", "test/ungood/img/6.png",
+              "test/ungood/img/7.png", "test/ungood/label/6.png", "test/ungood/label/7.png"],
+             {("train", 0): 2, ("val", 0): 1, ("val", 1): 1, ("test", 0): 1, ("test", 1): 2}),
+    # the anomalib-style flat copy: img/ everywhere, valid/, anomaly_mask/
+    "flat-img": (["train/good/img/1.png", "valid/good/img/2.png", "valid/Ungood/img/3.png",
+                  "valid/Ungood/anomaly_mask/3.png", "test/good/img/4.png", "test/Ungood/img/5.png",
+                  "test/Ungood/anomaly_mask/5.png"],
+                 {("train", 0): 1, ("val", 0): 1, ("val", 1): 1, ("test", 0): 1, ("test", 1): 1}),
+    # train/good without img/, no validation split, test/Ungood/{img,label}
+    "no-val": (["train/good/1.png", "train/good/2.png", "train/good/3.png", "test/good/img/4.png",
+                "test/Ungood/img/5.png", "test/Ungood/label/5.png"],
+               {("train", 0): 3, ("test", 0): 1, ("test", 1): 1}),
+    # folder names in any case, images directly in every label folder
+    "cases": (["TRAIN/Good/1.png", "Valid/GOOD/2.png", "Valid/UnGood/3.png", "Valid/UnGood/Label/3.png",
+               "Test/good/4.png", "Test/UNGOOD/5.png", "Test/UNGOOD/Anomaly_Mask/5.png"],
+              {("train", 0): 1, ("val", 0): 1, ("val", 1): 1, ("test", 0): 1, ("test", 1): 1}),
+}
+
+
+@pytest.mark.parametrize("name", RESC_TREES)
+def test_resc_real_flat_layouts(tmp_path, name):
+    files, expected = RESC_TREES[name]
+    root = _resc_tree(tmp_path / "RESC", files)
+    assert resc.layout(root) == "flat"
+    samples = resc.scan(root)
+    count = {}
+    for s in samples:
+        count[(s.split, s.label)] = count.get((s.split, s.label), 0) + 1
+    assert count == expected
+    assert all(not s.mask_files for s in samples if s.label == 0)
+    for s in (s for s in samples if s.label):
+        (mask,) = s.mask_files
+        assert mask.name == s.image.name and mask.parent.name.lower() in resc.MASK_FOLDERS
+        assert mask.parent.parent == s.image.parent.parent or mask.parent.parent == s.image.parent
+        masks = resc.load_masks(s, 6, 8, root)
+        assert set(masks) == {1} and masks[1].all()
+
+
+@pytest.mark.parametrize("files, rule", [
+    (["train/good/1.png", "val/good/img/2.png", "valid/good/img/3.png", "test/good/img/4.png"],
+     "ambiguous val split folder"),
+    (["train/good/1.png", "test/Ungood/img/2.png", "test/Ungood/label/2.png", "test/Ungood/anomaly_mask/2.png"],
+     "ambiguous mask folder"),
+    (["train/good/1.png", "train/good/img/2.png", "test/good/img/3.png"], "images both in img/ and directly in the folder"),
+    (["train/good/1.png", "test/Ungood/img/2.png", "test/Ungood/label/3.png"], "has no mask of the same name"),
+    (["train/good/1.png", "train/Ungood/2.png", "test/good/3.png"], "the training split holds normal (good) images only"),
+    (["train/good/1.png", "val/good/2.png"], "split 'test' is empty"),
+])
+def test_resc_flat_layout_rules(tmp_path, files, rule):
+    root = _resc_tree(tmp_path / "RESC", files)
+    with pytest.raises(DataError) as info:
+        resc.scan(root)
+    assert str(root) in str(info.value) and rule in str(info.value)
 
 
 def test_resc_label_values_become_classes(synthetic_root, tmp_path):
@@ -205,6 +273,8 @@ def test_resc_ungood_without_mask_is_rejected(dataset_copy):
 
 
 def test_resc_unknown_layout_is_rejected(tmp_path):
-    (tmp_path / "RESC" / "whatever").mkdir(parents=True)
-    with pytest.raises(DataError, match="not a RESC anomaly-detection layout"):
+    _resc_tree(tmp_path / "RESC", ["whatever/good/1.png"])
+    with pytest.raises(DataError, match="not a RESC anomaly-detection layout") as info:
         resc.scan(tmp_path / "RESC")
+    message = str(info.value)
+    assert message.startswith(str(tmp_path / "RESC")) and "Train/train/good" in message and "train/good/[img/]" in message
