@@ -30,22 +30,35 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
+from prefect.futures import wait
 
 from mmrad.cli import build_parser
 from mmrad.cli import main as mmrad_main
+from mmrad.core.errors import DataError
 from mmrad.core.params import load_params
 
 
 class StageFailed(RuntimeError):
     def __init__(self, argv: list[str], status: int):
         super().__init__(f"mmrad {' '.join(argv)} exited with status {status} (the error is in the log above)")
-        self.status = status
+        self.argv, self.status = list(argv), status
+
+    def __reduce__(self):  # crosses Prefect's result store and Dask workers intact
+        return type(self), (self.argv, self.status)
+
+
+def _retry_unless_bad_input(task, task_run, state) -> bool:
+    """Retry a transient failure only: bad input (a DataError, exit status 2) fails the same way every time,
+    and an unreachable tracking server (a DataError too) has already waited its timeout (mmrad.ops.tracking)."""
+    return not isinstance(state.result(raise_on_failure=False), DataError)
 
 
 @task(name="run-stage")
 def run_stage(argv: list[str]) -> int:
-    """The stage itself: the mmrad command, in this process (its logs reach the flow run)."""
-    status = mmrad_main(argv)
+    """The stage itself: the mmrad command, in this process (its logs reach the flow run).
+
+    Bad input raises its DataError: the task and flow runs end Failed with the one line as their message."""
+    status = mmrad_main(argv, raise_errors=True)
     if status:
         raise StageFailed(argv, status)
     return status
@@ -82,7 +95,7 @@ def attach_artifacts(args) -> None:
 TASKS_PER_WORKER = 4  # chunks per Dask worker: balanced, and few enough that a task run's bookkeeping (~0.2 s) is small
 
 
-@task(name="prepare-images", cache_policy=NO_CACHE, retries=1)
+@task(name="prepare-images", cache_policy=NO_CACHE, retries=1, retry_condition_fn=_retry_unless_bad_input)
 def prepare_images(fn, items: list) -> list[dict]:
     """A chunk of the prepare stage's per-image work (decode, validate, resize, cache), on a Dask worker."""
     from distributed import get_worker  # noqa: PLC0415 (Dask: only the prepare flow needs it, seconds to import)
@@ -96,8 +109,15 @@ def dask_mapping(workers: int):
     def run(fn, items: list):
         size = max(1, math.ceil(len(items) / (workers * TASKS_PER_WORKER)))
         chunks = [items[i:i + size] for i in range(0, len(items), size)]
-        for future in prepare_images.map(unmapped(fn), chunks):
-            yield from future.result()
+        futures = prepare_images.map(unmapped(fn), chunks)
+        try:
+            for future in futures:
+                yield from future.result()
+        except BaseException:
+            # the other chunks must stop writing before the caller removes the temporary output: a running
+            # Dask task cannot be stopped, so every chunk is let finish (a few per worker, TASKS_PER_WORKER)
+            wait(futures)
+            raise
     return run
 
 
@@ -129,7 +149,7 @@ def prepare_on_dask(argv: list[str], workers: int) -> int:
     from mmrad.data.prepare import mapping_with  # noqa: PLC0415 (pandas, pyarrow, scikit-image: only prepare needs them)
 
     with mapping_with(dask_mapping(workers)):
-        status = mmrad_main(argv)
+        status = mmrad_main(argv, raise_errors=True)
     if status:
         raise StageFailed(argv, status)
     return status
@@ -145,7 +165,8 @@ def stage(name: str, argv: list[str]) -> int:
         params = load_params(args.params)
         prepare_on_dask.with_options(task_runner=dask_runner(params))(argv, params.prepare.workers)
     else:
-        runner = run_stage.with_options(retries=2, retry_delay_seconds=10) if args.command == "register" else run_stage
+        runner = run_stage.with_options(retries=2, retry_delay_seconds=10, retry_condition_fn=_retry_unless_bad_input
+                                        ) if args.command == "register" else run_stage
         runner(argv)
     attach_artifacts(args)
     return 0
@@ -214,4 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     if state.is_completed():
         return 0
     exc = state.result(raise_on_failure=False)
+    if isinstance(exc, DataError):  # the same line and status as `mmrad`, after Prefect's own log of the run
+        print(f"mmrad {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     return exc.status if isinstance(exc, StageFailed) else 1

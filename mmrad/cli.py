@@ -14,6 +14,7 @@ package's only function-level imports of its own modules.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import subprocess
 import sys
@@ -21,7 +22,9 @@ import time
 from pathlib import Path
 
 from mmrad.core.errors import DataError
-from mmrad.core.params import load_params
+from mmrad.core.outputs import check_output_folder
+from mmrad.core.params import check_batch_size, load_params
+from mmrad.core.processes import exit_on_sigterm
 from mmrad.evaluation.methods import BASELINES, METHODS
 
 log = logging.getLogger("mmrad")
@@ -66,21 +69,35 @@ def _cmd_prepare(args) -> None:
                             f"configured: {sorted(params.datasets)}")
         started = time.perf_counter()
         out = Path(args.out) if args.out else Path("data/prepared") / name
-        prepare_dataset(name, params.datasets[name].root, out, params.prepare.resolution, params.prepare.workers)
+        prepare_dataset(name, params.datasets[name].root, out, params.prepare.resolution, params.prepare.workers,
+                        max_pixels=params.prepare.max_image_pixels)
         log.info("prepare %s: done in %.1f s -> %s", name, time.perf_counter() - started, out)
 
 
+def _healthy_training_cases(prepared: Path) -> int | None:
+    """From the prepared summary.json (no heavy import): the healthy training cases, None if unknown."""
+    try:
+        count = json.loads((prepared / "summary.json").read_text())["splits"]["train"]["normal_cases"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # train() reports a missing or broken prepared folder itself
+    return count if isinstance(count, int) else None
+
+
 def _cmd_train(args) -> int | None:
+    params = load_params(args.params)
+    prepared = args.prepared or f"data/prepared/{params.train.dataset}"
+    healthy = _healthy_training_cases(Path(prepared))
+    if healthy is not None:  # before torch is imported (seconds)
+        check_batch_size(params, healthy, Path(prepared) / "summary.json")
+
     from mmrad.training import distributed
     from mmrad.training.train import train
 
-    params = load_params(args.params)
     if params.train.processes > 1 and not distributed.under_launcher():
         # N data-parallel processes: torchrun starts N copies of this very command
         command = distributed.launch_command(params.train.processes, args.argv)
         log.info("train: %d processes: %s", params.train.processes, " ".join(command))
         return subprocess.run(command).returncode
-    prepared = args.prepared or f"data/prepared/{params.train.dataset}"
     train(params, prepared, args.out, args.checkpoints, resume=args.resume, stop_after=args.stop_after)
 
 
@@ -134,16 +151,21 @@ def _cmd_predict(args) -> None:
 
     if args.folder and (args.fundus or args.oct):
         raise DataError("--folder", "give either --folder or --fundus / --oct, not both")
+    if not (args.folder or args.fundus or args.oct):
+        raise DataError("mmrad predict", "nothing to score", "give --fundus and/or --oct, or --folder")
+    inputs = [p for p in (args.folder, args.fundus, args.oct) if p]
+    if not str(args.model).startswith(("models:/", "runs:/")):
+        inputs.append(args.model)
+    check_output_folder(args.out, inputs)  # before anything is read
     if args.folder:
         cases = find_cases(args.folder)
-    elif args.fundus or args.oct:
+    else:
         paths = {m: Path(p) for m, p in (("fundus", args.fundus), ("oct", args.oct)) if p}
         cases = [Case(args.case_id or next(iter(paths.values())).stem, paths)]
-    else:
-        raise DataError("mmrad predict", "nothing to score", "give --fundus and/or --oct, or --folder")
     started = time.perf_counter()
     model, params = load_model(args.model, args.params)
-    records = predict_files(model, params, cases, args.out, batch_size=args.batch_size, overlays=not args.no_overlays)
+    records = predict_files(model, params, cases, args.out, batch_size=args.batch_size, overlays=not args.no_overlays,
+                            inputs=inputs)
     for record in records[:20]:
         print(f"{record['case_id']}\t{record['modalities']}\tscore {record['score']:.4f}")
     if len(records) > 20:
@@ -189,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoints", default="checkpoints/mmrad",
                    help="folder of the resumable checkpoint (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint, exactly")
-    p.add_argument("--stop-after", type=int, metavar="N", help="stop after N more steps (a checkpoint stays)")
+    p.add_argument("--stop-after", type=positive_int, metavar="N", help="stop after N more steps (a checkpoint stays)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate MMRAD or a baseline on the prepared test split",
@@ -245,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--case-id", help="name of that case in the outputs (default: the file's stem)")
     p.add_argument("--folder", help="folder of cases")
     p.add_argument("--out", default="predictions", help="output folder (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8, help="cases per forward pass (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="cases per forward pass (default: %(default)s)")
     p.add_argument("--no-overlays", action="store_true", help="scores only, no PNGs")
     p.set_defaults(func=_cmd_predict)
 
@@ -257,8 +279,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def check_arguments(argv: list[str]) -> int | None:
+    """The checks every stage makes before its heavy imports: arguments (argparse exits 2) and params.yaml.
+
+    Returns 2 after printing the one-line error, None when all is well (``python -m flows`` calls this
+    before importing Prefect; ``main`` through ``load_params``).
+    """
+    if not argv or argv[0] in ("-h", "--help"):
+        return None
     args = build_parser().parse_args(argv)
+    try:
+        load_params(args.params)
+    except DataError as exc:
+        print(f"mmrad {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {text!r}")
+    return value
+
+
+def main(argv: list[str] | None = None, raise_errors: bool = False) -> int:
+    """Run one subcommand; a DataError becomes its one-line message and status 2 (``raise_errors``: raised,
+    for the Prefect flows, whose runs then end Failed with that message)."""
+    args = build_parser().parse_args(argv)
+    exit_on_sigterm()  # a `kill` runs the clean-up of temporary outputs, as an error does
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(name)s: %(message)s", stream=sys.stderr)
@@ -267,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = args.func(args)
     except DataError as exc:
+        if raise_errors:
+            raise
         print(f"mmrad {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return status or 0

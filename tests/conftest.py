@@ -75,8 +75,9 @@ def trained_tiny(prepared_mmr, tmp_path_factory, tiny_params) -> tuple[Params, P
     """(params, model folder) of a tiny MMRAD trained for a few steps on the tiny MMR."""
     from mmrad.training.train import train
 
-    out = tmp_path_factory.mktemp("model")
-    train(tiny_params, prepared_mmr, out, out / "ckpt", progress=False)
+    root = tmp_path_factory.mktemp("model")
+    out = root / "model"  # the checkpoint beside the model folder: an output never holds an input
+    train(tiny_params, prepared_mmr, out, root / "ckpt", progress=False)
     return tiny_params, out
 
 

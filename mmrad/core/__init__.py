@@ -1,1 +1,1 @@
-"""The bottom layer, imported by everything: the error type, params.yaml, atomic files and image I/O."""
+"""The bottom layer, imported by everything: the error type, params.yaml, safe outputs, processes and image I/O."""

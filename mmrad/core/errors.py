@@ -2,7 +2,12 @@
 
 Every message has the same shape, ``<file>: <rule> (<detail>)``, so a person
 sees at once which file broke which rule, and the CLI can print it on one line
-and exit non-zero.
+and exit with status 2.
+
+The error crosses process boundaries intact (a process pool, a Dask worker, a
+Prefect task's result): ``__reduce__`` pickles the three fields, so the
+receiving side raises the same message, not a ``TypeError`` about missing
+constructor arguments.
 """
 
 from __future__ import annotations
@@ -21,3 +26,6 @@ class DataError(ValueError):
         if detail:
             message += f" ({detail})"
         super().__init__(message)
+
+    def __reduce__(self):
+        return type(self), (self.path, self.rule, self.detail)

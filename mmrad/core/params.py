@@ -27,8 +27,20 @@ Pixels = Annotated[int, Field(ge=64, le=8192)]
 Size = tuple[Pixels, Pixels]  # (height, width)
 
 
+def _admits_bool(annotation) -> bool:
+    return annotation is bool or bool in getattr(annotation, "__args__", ())
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value, info):
+        # pydantic reads `true` as 1 for an int field: `steps: true` must be an error, not one step
+        if isinstance(value, bool) and not _admits_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number or text, got the boolean {str(value).lower()}")
+        return value
 
 
 class MMRSynthetic(_Strict):
@@ -73,6 +85,7 @@ class Prepare(_Strict):
     resolution: Annotated[int, Field(ge=32, le=4096, multiple_of=16)]
     workers: Count
     dask_address: str | None  # a Dask scheduler (tcp://host:8786); None: a local cluster of `workers`
+    max_image_pixels: Annotated[int, Field(ge=1)]  # larger images are refused (mmrad.core.io.read_image)
 
 
 class Model(_Strict):
@@ -239,3 +252,10 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         first = exc.errors()[0]
         key = ".".join(str(part) for part in first["loc"]) or "<top level>"
         raise DataError(path, f"invalid parameter '{key}'", first["msg"]) from exc
+
+
+def check_batch_size(params: Params, healthy_cases: int, where: str | Path) -> None:
+    """train.batch_size must not exceed the healthy training cases (``where`` names the data they came from)."""
+    if params.train.batch_size > healthy_cases:
+        raise DataError(where, f"train.batch_size ({params.train.batch_size}) exceeds the healthy training cases "
+                        f"({healthy_cases})", "lower train.batch_size in params.yaml or add training cases")

@@ -24,8 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -37,7 +35,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from mmrad.core.errors import DataError
-from mmrad.core.io import atomic_dir, read_image, sha256_file
+from mmrad.core.io import read_image, sha256_file
+from mmrad.core.outputs import atomic_dir, check_output_folder
+from mmrad.core.processes import Mapper, process_pool
 from mmrad.data import symptoms
 from mmrad.data.datasets import LAYOUTS, Sample
 
@@ -89,13 +89,14 @@ def resize_for_model(image: np.ndarray, resolution: int) -> Image.Image:
     return Image.fromarray(image).resize((resolution, resolution), Image.Resampling.BICUBIC)
 
 
-def load_for_model(path: str | Path, modality: str, resolution: int) -> np.ndarray:
+def load_for_model(path: str | Path, modality: str, resolution: int, max_pixels: int | None = None) -> np.ndarray:
     """(S, S, 3) uint8 as the model sees an image file: decoded and resized exactly like the cache."""
-    return np.asarray(resize_for_model(read_image(path, mode=READ_MODE[modality]), resolution).convert("RGB"))
+    image = read_image(path, mode=READ_MODE[modality], max_pixels=max_pixels)
+    return np.asarray(resize_for_model(image, resolution).convert("RGB"))
 
 
-def _prepare_sample(sample: Sample, root: Path, out: Path, resolution: int) -> dict:
-    image = read_image(sample.image, mode=READ_MODE[sample.modality])
+def _prepare_sample(sample: Sample, root: Path, out: Path, resolution: int, max_pixels: int | None = None) -> dict:
+    image = read_image(sample.image, mode=READ_MODE[sample.modality], max_pixels=max_pixels)
     height, width = image.shape[:2]
     masks = LAYOUTS[sample.dataset].load_masks(sample, height, width, root)
     masks = {c: m for c, m in masks.items() if m.any()}
@@ -124,21 +125,6 @@ def _prepare_sample(sample: Sample, root: Path, out: Path, resolution: int) -> d
 
 def _prepare_star(args) -> dict:
     return _prepare_sample(*args)
-
-
-# How the per-image work is spread: mapper(fn, items) yields fn(item) for every item, in order.
-Mapper = Callable[[Callable, list], Iterator]
-
-
-def process_pool(workers: int) -> Mapper:
-    """The built-in mapper: a local process pool (``prepare.workers``), or a plain loop for one worker."""
-    def run(fn, items):
-        if workers <= 1:
-            yield from map(fn, items)
-            return
-        with ProcessPoolExecutor(workers) as pool:
-            yield from pool.map(fn, items, chunksize=8)
-    return run
 
 
 _MAPPER: ContextVar[Mapper | None] = ContextVar("mmrad_prepare_mapper", default=None)
@@ -170,16 +156,20 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def prepare_dataset(name: str, root: str | Path, out: str | Path, resolution: int,
-                    workers: int = 1, progress: bool | None = None) -> dict:
-    """Scan, validate and cache one dataset; returns the summary written beside the manifest."""
+                    workers: int = 1, progress: bool | None = None, max_pixels: int | None = None) -> dict:
+    """Scan, validate and cache one dataset; returns the summary written beside the manifest.
+
+    ``out`` must not overlap ``root`` (mmrad.core.outputs); ``max_pixels`` is
+    prepare.max_image_pixels (None: mmrad.core.io's default)."""
     if name not in LAYOUTS:
         raise DataError(name, "unknown dataset", f"known: {sorted(LAYOUTS)}")
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "dataset folder is missing")
+    check_output_folder(out, [root])
     samples = LAYOUTS[name].scan(root)
-    with atomic_dir(out) as tmp:
-        work = [(s, root, tmp, resolution) for s in samples]
+    with atomic_dir(out, [root]) as tmp:
+        work = [(s, root, tmp, resolution, max_pixels) for s in samples]
         bar = tqdm(total=len(work), desc=f"prepare {name}", unit="img", disable=None if progress is None else not progress)
         rows = []
         for row in (_MAPPER.get() or process_pool(workers))(_prepare_star, work):

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sklearn.metrics import roc_curve
 
-from mmrad.core.io import atomic_dir
+from mmrad.core.outputs import atomic_dir, check_output_folder
 from mmrad.core.params import Evaluation, Params
 from mmrad.data import symptoms
 from mmrad.data.splits import SplitData
@@ -165,10 +165,11 @@ def write_replicates(path: Path, replicates: dict[str, np.ndarray], case_ids: li
 
 
 def write_outputs(out: str | Path, result: dict, curves: dict, test: SplitData, predictions: Predictions,
-                  replicates: dict[str, np.ndarray] | None = None, seed: int = 0, overlays: int = 8) -> None:
+                  replicates: dict[str, np.ndarray] | None = None, seed: int = 0, overlays: int = 8,
+                  inputs: list[str | Path] = ()) -> None:
     """metrics.json, scores.csv (per case), replicates.parquet, plots/*.csv and overlays/*.png under ``out``,
-    atomically."""
-    with atomic_dir(out) as tmp:
+    atomically (never over ``inputs``, mmrad.core.outputs)."""
+    with atomic_dir(out, inputs) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         if replicates:
             write_replicates(tmp / REPLICATES, replicates, test.case_ids, seed)
@@ -191,9 +192,11 @@ def run_evaluation(params: Params, method: str, prepared: str | Path, out: str |
                    model_path: str | Path | None = None) -> dict:
     """The `evaluate`, `baseline` and `transfer` stages: one method of the registry on a prepared test split."""
     spec = methods.get(method)
+    inputs = [prepared, *([model_path] if model_path else [])]
+    check_output_folder(out, inputs)  # before the work, not after it
     test, predictions = getattr(scorers, spec.scorer)(params, prepared, model_path)
     result, curves, replicates = evaluate_predictions(test, predictions, params.evaluation, params.seed)
     result["method"] = method
-    write_outputs(out, result, curves, test, predictions, replicates, params.seed)
+    write_outputs(out, result, curves, test, predictions, replicates, params.seed, inputs=inputs)
     log.info("evaluate %s: localisation %s, detection %s", method, result["localisation"], result["detection"])
     return result

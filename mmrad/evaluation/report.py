@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from mmrad.core.errors import DataError
-from mmrad.core.io import atomic_write_text
+from mmrad.core.outputs import atomic_write_text
 from mmrad.core.params import Params
 from mmrad.evaluation import compare
 from mmrad.evaluation.methods import BASELINES, MAIN, METHODS

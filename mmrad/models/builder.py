@@ -22,12 +22,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 
 from mmrad.core.errors import DataError
+from mmrad.core.outputs import atomic_file
 from mmrad.core.params import Params
 from mmrad.models import weights as weight_files
 from mmrad.models.mmrad import MMRAD, ModelConfig
@@ -86,10 +86,9 @@ def build_model(params: Params) -> tuple[MMRAD, dict]:
 
 
 def save_atomic(obj, path: Path) -> None:
-    """torch.save through a temporary file and a rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through a temporary file and a rename (mmrad.core.outputs): a reader never sees half a file."""
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def save_finetuned(path: Path, model: MMRAD, identity: dict, params: Params, fingerprint: str) -> None:

@@ -28,7 +28,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from mmrad.core.errors import DataError
-from mmrad.core.io import IMAGE_SUFFIXES, atomic_dir
+from mmrad.core.io import IMAGE_SUFFIXES
+from mmrad.core.outputs import atomic_dir, check_output_folder
 from mmrad.core.params import load_params
 from mmrad.data import symptoms
 from mmrad.data.prepare import load_for_model
@@ -102,8 +103,12 @@ def load_model(ref: str, params_file: str | Path = "params.yaml"):
 
 
 def predict_files(model, params, cases: list[Case], out: str | Path, batch_size: int = 8,
-                  overlays: bool = True) -> list[dict]:
-    """Score ``cases``; write scores.json, scores.parquet and overlays/ under ``out`` (atomically)."""
+                  overlays: bool = True, inputs: list[str | Path] = ()) -> list[dict]:
+    """Score ``cases``; write scores.json, scores.parquet and overlays/ under ``out`` (atomically).
+
+    ``out`` must not overlap ``inputs`` (the folder or files given) nor any case's image file."""
+    inputs = [*inputs, *(p for c in cases for p in c.paths.values())]
+    check_output_folder(out, inputs)
     size = params.prepare.resolution
     # a batch holds cases with the same modalities (the model scores a pair or a single image)
     groups: dict[tuple[str, ...], list[Case]] = {}
@@ -111,14 +116,15 @@ def predict_files(model, params, cases: list[Case], out: str | Path, batch_size:
         groups.setdefault(case.modalities, []).append(case)
     chunks = [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
     records = []
-    with atomic_dir(out) as tmp, tqdm(total=len(cases), unit="case", desc="predict", file=sys.stderr,
+    with atomic_dir(out, inputs) as tmp, tqdm(total=len(cases), unit="case", desc="predict", file=sys.stderr,
                                       disable=len(cases) < 2) as progress:
         (tmp / "overlays").mkdir()
         for chunk in chunks:
             modalities = chunk[0].modalities
             batch = SplitData("predict", [c.case_id for c in chunk], np.full(len(chunk), -1))
             for modality in modalities:
-                batch.images[modality] = np.stack([load_for_model(c.paths[modality], modality, size) for c in chunk])
+                batch.images[modality] = np.stack([load_for_model(c.paths[modality], modality, size,
+                                                                        params.prepare.max_image_pixels) for c in chunk])
             result = predict_mmrad(model, batch, batch_size=len(chunk))
             for i, case in enumerate(chunk):
                 singles = {m: float(result.scores[f"{m}_only"][i]) for m in modalities}

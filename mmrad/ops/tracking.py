@@ -28,6 +28,8 @@ import json
 import logging
 import os
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -37,7 +39,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from mmrad.core.errors import DataError
-from mmrad.core.io import atomic_write_text
+from mmrad.core.outputs import atomic_write_text
 from mmrad.evaluation.compare import REPLICATES, SCORES
 from mmrad.evaluation.methods import BASELINES, MAIN
 from mmrad.models.builder import MODEL_FILE
@@ -64,9 +66,33 @@ def tracking_uri(project: str | Path = ".") -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or embedded_uri(project)
 
 
+# MLflow's own HTTP defaults (several retries with exponential backoff, a 120 s request timeout) take minutes to
+# give up on a server that is down; these bound it to seconds. Set in the environment, they are the user's.
+HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+REACH_SECONDS = 5.0  # the first contact: an unreachable server is reported after this, with its URI
+
+
+def check_reachable(uri: str, timeout: float = REACH_SECONDS) -> None:
+    """A one-line DataError naming ``uri`` when an HTTP tracking server does not answer (other stores: no-op)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered (an authenticating proxy, an older server): reachable
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise DataError(uri, "the MLflow tracking server is unreachable",
+                        f"{reason}; check MLFLOW_TRACKING_URI or start the server (infra/compose.yaml)") from exc
+
+
 def use_tracking(project: str | Path = ".") -> str:
-    """Point MLflow (tracking and registry) at ``tracking_uri``; returns it."""
+    """Point MLflow (tracking and registry) at ``tracking_uri``, after checking a server answers; returns it."""
     uri = tracking_uri(project)
+    for key, value in HTTP_SETTINGS.items():
+        os.environ.setdefault(key, value)
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri

@@ -13,15 +13,15 @@ images can be rendered in any order or in parallel.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from mmrad.core.io import atomic_dir
+from mmrad.core.outputs import atomic_dir
 from mmrad.core.params import Params
+from mmrad.core.processes import process_pool
 from mmrad.data import symptoms
 from mmrad.data.datasets import idrid, mmr, resc
 from mmrad.synthetic.phantom.eye import Eye
@@ -152,14 +152,8 @@ def generate(params: Params, out: str | Path, progress: bool | None = None) -> d
     with atomic_dir(out) as tmp:
         work = [(job, tmp, params) for job in jobs]
         bar = tqdm(total=len(jobs), desc="generate", unit="case", disable=None if progress is None else not progress)
-        if params.synthetic.workers > 1:
-            with ProcessPoolExecutor(params.synthetic.workers) as pool:
-                for _ in pool.map(_render_star, work, chunksize=4):
-                    bar.update()
-        else:
-            for item in work:
-                _render_star(item)
-                bar.update()
+        for _ in process_pool(params.synthetic.workers, chunksize=4)(_render_star, work):
+            bar.update()
         bar.close()
         for split in ("train", "test"):  # grading CSVs, with the real files' quirks
             rows = [(j.name, j.extra[1], j.extra[2]) for j in jobs

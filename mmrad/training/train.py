@@ -28,8 +28,8 @@ from torchvision.ops import sigmoid_focal_loss
 from tqdm import tqdm
 
 from mmrad.core.errors import DataError
-from mmrad.core.io import atomic_write_text
-from mmrad.core.params import Params
+from mmrad.core.outputs import atomic_dir, check_output_folder
+from mmrad.core.params import Params, check_batch_size
 from mmrad.data.splits import load_training_images
 from mmrad.data.symptoms import MODALITIES
 from mmrad.models.builder import MODEL_FILE, RANDOM_INIT, build_model, save_atomic, save_finetuned
@@ -174,6 +174,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
+CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "history", "params_hash")
+
+
+def read_checkpoint(path: Path, device) -> dict:
+    """A resumable checkpoint, or a one-line error naming it and how to start over (truncated, not ours)."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # truncated or not a torch file
+        raise DataError(path, "checkpoint is unreadable (truncated or not a training checkpoint)",
+                        f"{type(exc).__name__}; start over by running without --resume, or delete the file") from exc
+    if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
+        raise DataError(path, "not a training checkpoint of mmrad",
+                        "start over by running without --resume, or delete the file")
+    return state
+
+
 def train(params: Params, prepared: str | Path, out: str | Path, checkpoint_dir: str | Path,
           resume: bool = False, stop_after: int | None = None, progress: bool | None = None) -> dict:
     """Fine-tune and write ``out/model.pt`` (trainable weights only) and ``out/metrics.json``.
@@ -190,8 +206,10 @@ def train(params: Params, prepared: str | Path, out: str | Path, checkpoint_dir:
     context, device = distributed.start(resolve_device(t.device))
     positions = distributed.shard(t.batch_size, context)
     out, checkpoint_dir = Path(out), Path(checkpoint_dir)
+    check_output_folder(out, [prepared, checkpoint_dir])  # before the work, not after it
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     images, case_ids = load_training_images(prepared)
+    check_batch_size(params, len(case_ids), Path(prepared) / "manifest.parquet")
     model, identity = build_model(params)
     model.to(device).train()
     counts = model.parameter_counts()
@@ -211,7 +229,7 @@ def train(params: Params, prepared: str | Path, out: str | Path, checkpoint_dir:
     if resume:
         if not checkpoint_path.is_file():
             raise DataError(checkpoint_path, "no checkpoint to resume from")
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        state = read_checkpoint(checkpoint_path, device)
         if state["params_hash"] != training_fingerprint(params):
             raise DataError(checkpoint_path, "checkpoint was made with other parameters; cannot resume")
         model.load_state_dict(state["trainable"], strict=False)
@@ -252,8 +270,6 @@ def train(params: Params, prepared: str | Path, out: str | Path, checkpoint_dir:
         distributed.stop(context)
         return {"step": end, "finished": True, "rank": context.rank}
 
-    out.mkdir(parents=True, exist_ok=True)
-    save_finetuned(out / MODEL_FILE, model, identity, params, training_fingerprint(params))
     window = min(10, len(history))
     metrics = {
         "steps": t.steps, "device": device.type, "processes": context.world, "seconds": round(seconds, 1),
@@ -264,11 +280,13 @@ def train(params: Params, prepared: str | Path, out: str | Path, checkpoint_dir:
         "trainable_parameters": counts["trainable"], "frozen_parameters": counts["frozen"],
         "pretrained": identity["sam"] != RANDOM_INIT, "weights": identity,
     }
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     columns = ["loss", *images, *(["score"] if len(images) == 2 else [])]
     lines = ["step\t" + "\t".join(columns)] + [
         f"{h['step']}\t" + "\t".join(str(h[c]) for c in columns) for h in history]
-    atomic_write_text(out / "loss.tsv", "\n".join(lines) + "\n")
+    with atomic_dir(out, [prepared, checkpoint_dir]) as tmp:  # model, metrics and loss appear together
+        save_finetuned(tmp / MODEL_FILE, model, identity, params, training_fingerprint(params))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (tmp / "loss.tsv").write_text("\n".join(lines) + "\n")
     log.info("trained %d steps in %.1f s: loss %.4f -> %.4f", t.steps, seconds, metrics["first_loss"],
              metrics["final_loss"])
     distributed.stop(context)

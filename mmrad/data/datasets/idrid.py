@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 
 from mmrad.core.errors import DataError
-from mmrad.core.io import atomic_write_text, find_image, read_image, write_image
+from mmrad.core.io import find_image, read_image, write_image
+from mmrad.core.outputs import atomic_write_text
 from mmrad.data import symptoms
 from mmrad.data.datasets.base import Sample, check_splits, child
 

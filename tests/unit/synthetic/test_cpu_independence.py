@@ -36,9 +36,10 @@ SYNTHETIC = {
               "size": [178, 268]},
     "resc": {"train_good": 1, "val_good": 1, "val_ungood": 1, "test_good": 1, "test_ungood": 2, "size": [128, 128]},
 }
-# sha256 over "<path> <sha256 of the file>" lines, sorted by path (see _combined).
-GOLDEN_RAW = "3ade7bfe8936c7df838da04681319924bebbbe62b3caf453cedbbb9aacd89a28"
-GOLDEN_PREPARED = "4ec67857a079d7d0f8ea9740ef7e636554766cae6b192b3f6fafcb91931a589b"
+# sha256 over "<path> <sha256 of the file>" lines, sorted by path (see _combined). Issue 12 added only the
+# .mmrad-output marker files (without them the hashes were the earlier 3ade7bfe... / 4ec67857...).
+GOLDEN_RAW = "075394225924e2144660bfb5dd3a9ca56616f2e9d2ea582540716434fbe45235"
+GOLDEN_PREPARED = "8ecaff9b8e460012253f953db377d16c377260270fefcef620a3692040bbea42"
 
 # Generate and prepare in a fresh interpreter (numpy reads NPY_DISABLE_CPU_FEATURES at import).
 # Only seed and synthetic matter to generate; the rest of params.yaml is not read.

@@ -55,8 +55,26 @@ def test_the_batch_must_divide_by_the_processes():
         distributed.shard(4, distributed.Context(0, 3))
 
 
+@pytest.fixture(scope="module")
+def prepared_four(tmp_path_factory):
+    """The tiny MMR with 4 healthy training cases: a global batch of 4, 2 per process, each case once
+    (train.batch_size may not exceed the healthy cases)."""
+    from mmrad.core.params import Params
+    from mmrad.data.prepare import prepare_dataset
+    from mmrad.synthetic.generate import generate
+
+    raw = tiny_params_dict()
+    raw["synthetic"]["mmr"]["train_normal"] = 4
+    params = Params.model_validate(raw)
+    root = tmp_path_factory.mktemp("four")
+    generate(params, root / "raw", progress=False)
+    prepare_dataset("mmr", root / "raw" / "MMR", root / "prepared", params.prepare.resolution, progress=False)
+    return root / "prepared"
+
+
 @pytest.mark.slow
-def test_two_gloo_processes_train_the_one_process_model(prepared_mmr, tmp_path):
+def test_two_gloo_processes_train_the_one_process_model(prepared_four, tmp_path):
+    prepared_mmr = prepared_four
     one = tmp_path / "one"
     result = _mmrad(["--params", _params_file(tmp_path), "train", "--prepared", str(prepared_mmr),
                      "--out", str(one), "--checkpoints", str(tmp_path / "ckpt1")], tmp_path)
@@ -85,7 +103,7 @@ def test_two_gloo_processes_train_the_one_process_model(prepared_mmr, tmp_path):
         assert [float(v) for v in line2.split("\t")] == pytest.approx([float(v) for v in line1.split("\t")], abs=1e-4)
     assert json.loads((two / "metrics.json").read_text())["processes"] == 2
     # one writer: rank 0 alone wrote the outputs and the checkpoint
-    assert sorted(p.name for p in two.iterdir()) == ["loss.tsv", "metrics.json", "model.pt"]
+    assert sorted(p.name for p in two.iterdir()) == [".mmrad-output", "loss.tsv", "metrics.json", "model.pt"]
     assert sorted(p.name for p in (tmp_path / "ckpt2").iterdir()) == ["checkpoint.pt"]
 
 
