@@ -110,7 +110,7 @@ def _kill_when(process: subprocess.Popen, ready, timeout: float = 300) -> dict[p
     while not ready():
         assert process.poll() is None, process.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "the command never reached the point to kill it at"
-        time.sleep(0.05)
+        time.sleep(0.01)
     workers = {child: _cmdline(child) for child in _children(process.pid)}
     os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
@@ -140,14 +140,18 @@ def _no_orphans(workers: list[psutil.Process], seconds: float = 15) -> None:
 
 def test_kill_9_of_prepare_leaves_no_orphan_and_the_rerun_equals_a_clean_run(tmp_path, synthetic_root):
     root, params = _setup(tmp_path, synthetic_root)
+    for case in sorted((root / "train" / "normal").iterdir()):  # more work: a window wide enough to kill in
+        for copy in range(12):
+            shutil.copytree(case, case.with_name(f"{case.name}_copy{copy:02d}"))
     out, clean = tmp_path / "prepared", tmp_path / "clean"
     env = _env(tmp_path)
     first = subprocess.run(_command("mmrad", params, "prepare", "mmr", "--out", str(clean)), cwd=PROJECT, env=env,
                            capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
 
-    def half_written() -> bool:  # the process pool is writing the cache into the temporary folder
-        return any(len(list(t.rglob("*.png"))) >= 6 for t in tmp_path.glob(".prepared.tmp-*"))
+    def half_written() -> bool:  # the pool's 2 workers are writing the cache into the temporary folder
+        return len(_children(process.pid)) >= 2 and any(
+            len(list(t.rglob("*.png"))) >= 6 for t in tmp_path.glob(".prepared.tmp-*"))
 
     process = subprocess.Popen(_command("mmrad", params, "prepare", "mmr", "--out", str(out)), cwd=PROJECT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
