@@ -127,18 +127,30 @@ def _api_url() -> str:
         return str(client.api_url).rstrip("/")
 
 
-def dask_runner(params):
-    """A local Dask cluster of prepare.workers processes, or the scheduler at MMRAD_DASK_ADDRESS / prepare.dask_address."""
+LOCAL_DASK = "local"  # prepare.dask_address / MMRAD_DASK_ADDRESS: a local Dask cluster of prepare.workers processes
+
+
+def dask_address(params) -> str | None:
+    """Where prepare's per-image work goes under Prefect: a Dask scheduler, ``local``, or None.
+
+    None (the default) is the library's process pool, inside the stage's flow run: on one machine it is
+    faster than a local Dask cluster, whose per-task orchestration costs more than decoding an image
+    (docs/benchmarks.md). A cluster pays off when its workers are other machines.
+    """
+    return os.environ.get("MMRAD_DASK_ADDRESS") or params.prepare.dask_address or None
+
+
+def dask_runner(address: str, workers: int):
+    """A local Dask cluster of ``workers`` processes (``local``), or the scheduler at ``address``."""
     from prefect_dask import DaskTaskRunner  # noqa: PLC0415 (Dask: only the prepare flow needs it, seconds to import)
 
     # Dask's worker processes report their task runs to this flow's API (not to temporary servers of their own)
     os.environ["PREFECT_API_URL"] = _api_url()
     logging.getLogger("distributed").setLevel(logging.WARNING)  # the cluster's start/stop chatter
-    address = os.environ.get("MMRAD_DASK_ADDRESS") or params.prepare.dask_address
-    if address:
+    if address != LOCAL_DASK:
         return DaskTaskRunner(address=address)
     # workers import the stage's code as they start (with the cluster), not inside the first mapped task
-    return DaskTaskRunner(cluster_kwargs={"n_workers": params.prepare.workers, "threads_per_worker": 1,
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1,
                                           "processes": True, "dashboard_address": None,
                                           "preload": ["flows.dask_preload"]})
 
@@ -161,9 +173,10 @@ def stage(name: str, argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     get_run_logger().info("mmrad %s", " ".join(argv))
     # register talks to the tracking server: retry a transient failure (a failed attempt's run stays FAILED)
-    if args.command == "prepare":
-        params = load_params(args.params)
-        prepare_on_dask.with_options(task_runner=dask_runner(params))(argv, params.prepare.workers)
+    params = load_params(args.params) if args.command == "prepare" else None
+    if params is not None and (address := dask_address(params)):
+        prepare_on_dask.with_options(task_runner=dask_runner(address, params.prepare.workers))(
+            argv, params.prepare.workers)
     else:
         runner = run_stage.with_options(retries=2, retry_delay_seconds=10, retry_condition_fn=_retry_unless_bad_input
                                         ) if args.command == "register" else run_stage

@@ -124,3 +124,18 @@ def dataset_copy(synthetic_root, tmp_path):
 def tree_snapshot(root: Path) -> dict[str, bytes]:
     """Every file under root with its bytes (to prove nothing changed)."""
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory) -> str:
+    """A real project Prefect server (flows/server.py), shared by the tests that run flows.
+
+    It is what every stage after the first of a ``dvc repro`` uses; tests/system/test_prefect_server.py tests
+    the start, the reuse, the fallback and the stops themselves."""
+    from flows import server
+
+    where = tmp_path_factory.mktemp("prefect-home")
+    url = server.start(where, announce=False)
+    assert url, (where / server.LOG).read_text()[-3000:]
+    yield url
+    server.stop(where, quiet=True)

@@ -84,7 +84,7 @@ class DatasetSource(_Strict):
 class Prepare(_Strict):
     resolution: Annotated[int, Field(ge=32, le=4096, multiple_of=16)]
     workers: Count
-    dask_address: str | None  # a Dask scheduler (tcp://host:8786); None: a local cluster of `workers`
+    dask_address: str | None  # a Dask scheduler (tcp://host:8786), `local` (a cluster of `workers`), None: a pool
     max_image_pixels: Annotated[int, Field(ge=1)]  # larger images are refused (mmrad.core.io.read_image)
 
 

@@ -1,7 +1,8 @@
 """The whole pipeline (tiny params) in a temporary git + DVC repository, with the real parts.
 
 The module's fixture runs the Prefect ``retrain`` flow (Prefect's temporary
-local API, its database in the repository): it runs a real ``dvc repro``
+local API, its database in the repository; the plain ``dvc repro`` runs after
+it start and reuse the repository's own Prefect server, flows/server.py): it runs a real ``dvc repro``
 whose every stage is a Prefect flow run, the register stage logs to a real
 sqlite MLflow store in the repository and registers the model, and the gate
 makes that first challenger the champion.
@@ -23,6 +24,8 @@ from mlflow import MlflowClient
 from tests.conftest import PROJECT, tiny_params_dict
 
 pytestmark = pytest.mark.slow
+
+STARTED = "started this project's Prefect server at"
 
 
 def _run(args, cwd, env):
@@ -60,7 +63,9 @@ def built(tmp_path_factory):
     _run([dvc, "remote", "add", "-q", "-d", "team", str(root.parent / "remote")], root, env)
     _run(["git", "commit", "-qam", "DVC remote"], root, env)
     script = "import json; from flows.pipeline import retrain; print('RESULT', json.dumps(retrain('.')))"
-    return root, env, dvc, _run([sys.executable, "-c", script], root, env)
+    yield root, env, dvc, _run([sys.executable, "-c", script], root, env)
+    # a plain `dvc repro` / `dvc exp run` below started the repository's own Prefect server: stop it
+    _run([sys.executable, "-m", "flows", "server", "stop"], root, env)
 
 
 def _prefect_runs(root: Path, env: dict) -> dict:
@@ -140,6 +145,8 @@ def test_a_dvc_experiment_is_tracked_and_registered(built):
     before = int(_challenger(root).version)
     log = _run([dvc, "exp", "run", "-S", "baselines.padim_channels=40"], root, env)
     assert "Running stage 'baseline@padim'" in log and "Running stage 'register'" in log
+    # no API configured: the first stage started the repository's own Prefect server, the later ones found it
+    assert log.count(STARTED) == 1 and (root / ".prefect" / "mmrad-server.json").is_file()
     assert "Running stage 'train'" not in log
     version = _challenger(root)
     assert int(version.version) == before + 1
@@ -155,7 +162,7 @@ def test_a_param_change_reruns_what_depends_on_it_and_no_more(built):
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     log = _run([dvc, "repro"], root, env)
     assert "Running stage 'generate'" not in log
-    assert "Running stage 'prepare@mmr'" in log
+    assert "Running stage 'prepare@mmr'" in log and STARTED not in log  # the server of the run above
     assert "Running stage 'train'" not in log and "Running stage 'evaluate'" not in log
     raw["baselines"]["padim_channels"] = 50  # only PaDiM and the report depend on it
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
@@ -174,7 +181,10 @@ def test_a_failing_stage_fails_repro_with_the_rule(tmp_path):
     raw = yaml.safe_load((root / "params.yaml").read_text())
     raw["datasets"]["mmr"]["root"] = "data/raw/real/MMR"  # not there
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    result = subprocess.run([dvc, "repro", "prepare@mmr"], cwd=root, env=env, capture_output=True, text=True)
+    try:
+        result = subprocess.run([dvc, "repro", "prepare@mmr"], cwd=root, env=env, capture_output=True, text=True)
+    finally:
+        _run([sys.executable, "-m", "flows", "server", "stop"], root, env)
     assert result.returncode != 0
     assert "data/raw/real/MMR" in result.stdout + result.stderr
     assert not (root / "data" / "prepared" / "mmr").exists()
