@@ -139,3 +139,19 @@ def prefect_api(tmp_path_factory) -> str:
     assert url, (where / server.LOG).read_text()[-3000:]
     yield url
     server.stop(where, quiet=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_prefect_server_left_behind(tmp_path_factory):
+    """A test that starts a project Prefect server (flows/server.py) stops it: any left running is stopped here
+    and named as an error."""
+    import psutil
+
+    yield
+    base = str(tmp_path_factory.getbasetemp())
+    left = []
+    for process in psutil.process_iter(["cmdline", "cwd"]):
+        if "_supervise" in (process.info["cmdline"] or []) and (process.info["cwd"] or "").startswith(base):
+            left.append(process.info["cwd"])
+            process.terminate()
+    assert not left, f"project Prefect servers left running by tests in {left}"

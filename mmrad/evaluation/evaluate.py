@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sklearn.metrics import roc_curve
 
 from mmrad.core.outputs import atomic_dir, check_output_folder
 from mmrad.core.params import Evaluation, Params
@@ -98,17 +97,19 @@ def evaluate_predictions(test: SplitData, predictions: Predictions, settings: Ev
     for modality, maps in predictions.maps.items():
         bits = test.masks[modality]
         gt = bits > 0
-        loc = {"pixel_auroc": metrics.pixel_auroc(maps, gt), "aupro": metrics.aupro(maps, gt)}
+        ranked = metrics.RankedPixels(maps)  # the one sort of this modality's scores: every metric below uses it
+        whole = ranked.against(gt)
+        loc = {"pixel_auroc": whole.auroc(), "aupro": whole.aupro()}
         result["localisation"][modality] = {k: round(v, 4) for k, v in loc.items()}
         hist = uncertainty.PixelHistograms(maps, ~gt, settings.bins) if ci.weights is not None else None
         if hist is not None:
             ci.pixel(("localisation", modality), hist, gt, loc)
-        fpr, tpr, _ = roc_curve(gt.ravel(), maps.ravel(), drop_intermediate=True)
+        fpr, tpr = whole.roc_curve()  # sklearn's roc_curve(drop_intermediate=True) points
         curves[f"roc_{modality}"] = dict(zip(("fpr", "tpr"), _downsample(fpr, tpr)))
-        pro_fpr, pro = metrics.pro_curve(maps, gt)
+        pro_fpr, pro = whole.pro_curve()
         keep = pro_fpr <= 0.3
         curves[f"pro_{modality}"] = dict(zip(("fpr", "pro"), _downsample(pro_fpr[keep], pro[keep])))
-        result["per_symptom"][modality] = _per_symptom(test.dataset, modality, maps, bits, hist, ci)
+        result["per_symptom"][modality] = _per_symptom(test.dataset, modality, ranked, bits, hist, ci)
     if len(np.unique(test.labels)) == 2:
         degenerate = []
         for name, scores in predictions.scores.items():
@@ -139,16 +140,17 @@ def evaluate_predictions(test: SplitData, predictions: Predictions, settings: Ev
     return result, curves, ci.flat
 
 
-def _per_symptom(dataset: str, modality: str, maps: np.ndarray, bits: np.ndarray, hist, ci: _Intervals) -> dict:
-    """Table 13: each symptom against the anomaly-free pixels, other symptoms ignored."""
+def _per_symptom(dataset: str, modality: str, ranked: metrics.RankedPixels, bits: np.ndarray, hist,
+                 ci: _Intervals) -> dict:
+    """Table 13: each symptom against the anomaly-free pixels, other symptoms ignored (no new sort: ``ranked``)."""
     out = {}
     for class_id, symptom in symptoms.table(dataset, modality).items():
         own = (bits & np.uint16(1 << (class_id - 1))) > 0
         if not own.any():
             continue
         ignore = (bits > 0) & ~own
-        exact = {"pixel_auroc": metrics.pixel_auroc(maps, own, ignore=ignore),
-                 "aupro": metrics.aupro(maps, own, ignore=ignore)}
+        symptom_only = ranked.against(own, ignore=ignore)
+        exact = {"pixel_auroc": symptom_only.auroc(), "aupro": symptom_only.aupro()}
         out[str(class_id)] = {"name": symptom.name, "images": int(own.any(axis=(1, 2)).sum()),
                               **{k: round(v, 4) for k, v in exact.items()}}
         if hist is not None:  # the anomaly-free pixels are the same for every symptom: the histograms' own

@@ -34,21 +34,25 @@ def _first_resnet(params: Params) -> tuple[str, str] | None:
     return (weights.path, weights.format) if weights is not None else None
 
 
-def _fit_per_modality(prepared: str | Path, detector: Callable[[], object]) -> tuple[SplitData, Predictions]:
+def _fit_per_modality(prepared: str | Path, detector: Callable[..., object], params: Params,
+                      ) -> tuple[SplitData, Predictions]:
+    """One detector per modality, fitted on that modality's training images; ``detector(trunk=...)`` builds
+    one around the frozen CNN, which is built (or loaded) once and shared: it is frozen and the same for both."""
     train, test = load_split(prepared, "train"), load_split(prepared, "test")
+    trunk = baselines.build_trunk(params.model.cnn, params.seed, weights=_first_resnet(params))
     maps, scores = {}, {}
     for modality in test.images:
-        model = detector().fit(train.images[modality])
+        model = detector(trunk=trunk).fit(train.images[modality])
         maps[modality], scores[f"{modality}_only"] = model.score(test.images[modality])
     return test, with_combined_scores(Predictions(maps, scores))
 
 
 def score_padim(params: Params, prepared: str | Path, model_path=None) -> tuple[SplitData, Predictions]:
     config = baselines.PaDiMConfig(cnn=params.model.cnn, channels=params.baselines.padim_channels, seed=params.seed)
-    return _fit_per_modality(prepared, lambda: baselines.PaDiM(config, weights=_first_resnet(params)))
+    return _fit_per_modality(prepared, lambda trunk: baselines.PaDiM(config, trunk=trunk), params)
 
 
 def score_patchcore(params: Params, prepared: str | Path, model_path=None) -> tuple[SplitData, Predictions]:
     config = baselines.PatchCoreConfig(cnn=params.model.cnn, coreset_ratio=params.baselines.patchcore_coreset_ratio,
                                        seed=params.seed)
-    return _fit_per_modality(prepared, lambda: baselines.PatchCore(config, weights=_first_resnet(params)))
+    return _fit_per_modality(prepared, lambda trunk: baselines.PatchCore(config, trunk=trunk), params)

@@ -40,8 +40,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 from scipy.stats import norm
+
+from mmrad.evaluation.metrics import regions
 
 LEVEL = 0.95
 
@@ -183,10 +184,6 @@ def wilson(hits: float, n: int, level: float = LEVEL) -> tuple[float, float]:
 
 # --------------------------------------------------------------------------- pixel metrics
 
-_STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
-_STRUCTURE[1] = True  # 8-connected inside an image, nothing across images (as mmrad.evaluation.metrics)
-
-
 class PixelHistograms:
     """Per-image histograms of one method's maps, from which any resample's pixel AUROC and AU-PRO follow.
 
@@ -206,23 +203,23 @@ class PixelHistograms:
         self.neg = self._counts(normal.reshape(self.n_images, -1))
 
     def _counts(self, select: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
+        """(N, bins) counts of the ``select``ed pixels, or sums of ``weight`` (one per selected pixel, raster order)."""
         image = np.broadcast_to(np.arange(self.n_images)[:, None], select.shape)[select]
         keys = image * self.bins + self.index[select]
-        w = None if weight is None else weight[select]
-        return np.bincount(keys, weights=w, minlength=self.n_images * self.bins).reshape(self.n_images, self.bins)
+        return np.bincount(keys, weights=weight, minlength=self.n_images * self.bins).reshape(self.n_images, self.bins)
 
     def positives(self, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(positive counts (N, bins), region weight (N, bins), regions per image (N,)) of a positive mask set."""
-        labels, n_regions = ndimage.label(masks, structure=_STRUCTURE)
-        areas = np.bincount(labels.ravel(), minlength=n_regions + 1).astype(np.float64)
-        inv = np.zeros_like(areas)
-        inv[1:] = 1.0 / areas[1:]
+        """(positive counts (N, bins), region weight (N, bins), regions per image (N,)) of a positive mask set.
+
+        Regions (and 1 / area) are ``mmrad.evaluation.metrics.regions``: the
+        same labelling as the exact AU-PRO.
+        """
+        masks = np.asarray(masks, dtype=bool)
+        reg = regions(masks)
         flat_masks = masks.reshape(self.n_images, -1)
-        flat_labels = labels.reshape(self.n_images, -1)
         pos = self._counts(flat_masks)
-        region = self._counts(flat_masks, inv[flat_labels])
-        per_image = np.array([np.unique(flat_labels[i][flat_labels[i] > 0]).size for i in range(self.n_images)])
-        return pos, region, per_image
+        region = self._counts(flat_masks, reg.inv_area[reg.labels])  # labels: raster order, as the selection
+        return pos, region, reg.per_image()
 
 
 def binned_auroc(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:

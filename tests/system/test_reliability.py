@@ -209,7 +209,7 @@ def test_kill_9_of_train_then_a_rerun_gives_the_clean_runs_model(tmp_path, synth
 
 
 def test_an_unreachable_tracking_server_fails_fast_with_one_line_and_no_retries(tmp_path, trained_tiny,
-                                                                                registered_tiny):
+                                                                                registered_tiny, prefect_api):
     import socket
 
     with socket.socket() as probe:  # a local port nobody listens on
@@ -222,7 +222,8 @@ def test_an_unreachable_tracking_server_fails_fast_with_one_line_and_no_retries(
     started = time.perf_counter()
     done = subprocess.run(_command("flows", params, "register", "--model-dir", str(model_dir), "--reports",
                                    str(registered_tiny.reports), "--out", str(tmp_path / "registered.json")),
-                          cwd=tmp_path, env={**_env(tmp_path, MLFLOW_TRACKING_URI=uri), "PYTHONPATH": str(PROJECT)},
+                          cwd=tmp_path, env={**_env(tmp_path, MLFLOW_TRACKING_URI=uri, PREFECT_API_URL=prefect_api),
+                               "PYTHONPATH": str(PROJECT)},
                           capture_output=True, text=True, timeout=600)
     seconds = time.perf_counter() - started
     assert done.returncode == 2, done.stderr[-3000:]
