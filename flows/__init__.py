@@ -42,5 +42,7 @@ if ("PREFECT_HOME" not in os.environ and "PREFECT_API_URL" not in os.environ
 # and the temporary API gets time to create its database on a fresh machine
 # (Prefect's default 20 s is too short for the first migration on a busy 2-core box).
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mmrad")
+# the library's log lines outside a flow run (a test, `mmrad` itself in this process) stay local, without a warning
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")

@@ -1,7 +1,9 @@
 """The Prefect flows of the pipeline.
 
-* ``stage``: one ``mmrad`` subcommand as a flow run named after it (``train``,
-  ``evaluate``, ``report`` ...); what dvc.yaml runs for each stage. The
+* ``stage``: one ``mmrad`` subcommand as a flow run named after its DVC stage
+  (``train``, ``transfer@mmr_to_idrid``: DVC sets ``DVC_STAGE``; the command
+  when run by hand) and tagged with the project and its git commit; what
+  dvc.yaml runs for each stage. The
   preprocessing, training, evaluation, transfer, report and register stages
   are all this flow with their arguments, so the flows and the CLI cannot
   drift apart: both parse with ``mmrad.cli.build_parser`` and call the same
@@ -9,11 +11,15 @@
 * ``retrain``: the scheduled loop: bring the pipeline up to date with
   ``dvc repro`` (which runs each stage as a ``stage`` flow run and registers
   the new model as ``challenger``), then ``mmrad registry promote`` through the
-  gate. Deployed on a cron schedule by prefect.yaml.
+  gate. Deployed on a cron schedule by prefect.yaml. The stages' flow runs
+  are children of its ``dvc-repro`` task run: one parent run per repro.
 
 Artifacts attached to flow runs: the markdown report (``report``), a table
 of the evaluation metrics (``evaluate``), the training summary (``train``),
 the registered version (``register``) and the gate's comparison (``retrain``).
+The MLflow run of ``register`` carries the ids and address of its flow run
+(tags ``prefect.*``, through ``MMRAD_RUN_TAGS``), and its artifact names the
+MLflow run: each side links to the other.
 """
 
 from __future__ import annotations
@@ -25,17 +31,25 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from uuid import UUID
 
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import flow, get_run_logger, tags, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
+from prefect.flow_engine import run_flow
 from prefect.futures import wait
+from prefect.runtime import flow_run, task_run
+from prefect.states import Pending
 
 from mmrad.cli import build_parser
 from mmrad.cli import main as mmrad_main
 from mmrad.core.errors import DataError
 from mmrad.core.params import load_params
+from mmrad.core.provenance import RUN_TAGS_ENV, code_state
+
+# The retrain flow's dvc-repro task run: the stages that `dvc repro` starts become its children (one parent per repro).
+PARENT_ENV = "MMRAD_PREFECT_PARENT_TASK_RUN"
 
 
 class StageFailed(RuntimeError):
@@ -172,6 +186,12 @@ def stage(name: str, argv: list[str]) -> int:
     """One pipeline stage called ``name``: ``argv`` are the arguments of ``mmrad`` (without the program name)."""
     args = build_parser().parse_args(argv)
     get_run_logger().info("mmrad %s", " ".join(argv))
+    # the MLflow run that register opens names this flow run (and the repro's parent run): one click either way
+    links = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": flow_run.name,
+             "prefect.flow_run_url": flow_run.ui_url or ""}
+    if flow_run.parent_flow_run_id:
+        links["prefect.parent_flow_run_id"] = str(flow_run.parent_flow_run_id)
+    os.environ[RUN_TAGS_ENV] = json.dumps(links)
     # register talks to the tracking server: retry a transient failure (a failed attempt's run stays FAILED)
     params = load_params(args.params) if args.command == "prepare" else None
     if params is not None and (address := dask_address(params)):
@@ -196,7 +216,7 @@ def dvc_repro(project: str) -> int:
     The stages report to this flow's API (the team server, or the temporary
     local one this run started), so they start no server of their own.
     """
-    env = {**os.environ, "PREFECT_API_URL": _api_url()}
+    env = {**os.environ, "PREFECT_API_URL": _api_url(), PARENT_ENV: str(task_run.id)}
     dvc = [sys.executable, "-m", "dvc"]
     # with a DVC remote (the team's object store): start from what others pushed, share what this run made
     remote = subprocess.run([*dvc, "remote", "list"], cwd=project, capture_output=True, text=True).stdout.strip()
@@ -233,6 +253,37 @@ def retrain(project: str = ".", params_file: str = "params.yaml", promote: bool 
     return promote_challenger(params_file, dry_run=not promote)
 
 
+def stage_name(args) -> str:
+    """The flow run's name: the DVC stage running it (DVC sets DVC_STAGE: ``prepare@mmr``), else the command."""
+    return os.environ.get("DVC_STAGE") or " ".join(
+        [args.command] + [getattr(args, k) for k in ("dataset", "method", "action")
+                          if isinstance(getattr(args, k, None), str)])
+
+
+def run_tags(project: str | Path) -> list[str]:
+    """Tags of a stage's flow run: ``mmrad``, the project (its folder) and the git commit (``+dirty`` if edited)."""
+    project = Path(project).resolve()
+    commit, dirty = code_state(project)
+    found = ["mmrad", f"project:{project.name}"]
+    if commit:
+        found.append(f"commit:{commit[:12]}{'+dirty' if dirty else ''}")
+    return found
+
+
+def run_stage_flow(name: str, argv: list[str]):
+    """The ``stage`` flow as a run called ``name``, tagged; a child of the retrain flow's repro when it started us."""
+    parameters, labels = {"name": name, "argv": argv}, run_tags(os.environ.get("DVC_ROOT", "."))
+    parent = os.environ.get(PARENT_ENV)
+    if not parent:
+        with tags(*labels):
+            return stage(name, argv, return_state=True)
+    # another process's task run as the parent: create the run under it, then run it (what a subflow does)
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(stage, name=name, parameters=stage.serialize_parameters(parameters),
+                                     parent_task_run_id=UUID(parent), state=Pending(), tags=labels)
+    return run_flow(stage, flow_run=run, parameters=parameters, return_type="state")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m flows <mmrad stage args>``: run the stage as a flow (MMRAD_ORCHESTRATION=off: plainly)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -242,9 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         return 0
     args = build_parser().parse_args(argv)  # bad arguments: argparse's message and status 2, before any flow
-    name = " ".join([args.command] + [getattr(args, k) for k in ("dataset", "method", "action")
-                                      if isinstance(getattr(args, k, None), str)])
-    state = stage(name, argv, return_state=True)
+    state = run_stage_flow(stage_name(args), argv)
     if state.is_completed():
         return 0
     exc = state.result(raise_on_failure=False)

@@ -187,25 +187,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("generate", help="render the synthetic default dataset",
-                       description="Render synthetic fundus/OCT eyes with lesions and write them in the "
-                                   "MMR, IDRiD and RESC layouts (params: seed, synthetic).")
+    p = sub.add_parser("generate", description="Render synthetic fundus/OCT eyes with lesions and write them in the "
+                                               "MMR, IDRiD and RESC layouts (params: seed, synthetic).")
     p.add_argument("--out", default="data/raw/synthetic", help="output folder (default: %(default)s)")
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("prepare", help="validate a dataset and write its manifest and cache",
-                       description="Scan a dataset in its real layout, validate every image and annotation, "
-                                   "and write manifest.parquet, summary.json and a resized cache "
-                                   "(params: datasets, prepare).")
+    p = sub.add_parser("prepare", description="Scan a dataset in its real layout, validate every image and annotation, "
+                                              "and write manifest.parquet, summary.json and a resized cache "
+                                              "(params: datasets, prepare).")
     p.add_argument("dataset", help="mmr, idrid, resc, or all")
     p.add_argument("--out", help="output folder (default: data/prepared/<dataset>)")
     p.set_defaults(func=_cmd_prepare)
 
-    p = sub.add_parser("train", help="fine-tune the model (LPT + decoder) on healthy pairs",
-                       description="Fine-tune MMRAD: frozen SAM encoder, low-level prompts and the shared decoder, "
-                                   "trained on healthy pairs with simulated anomalies (params: seed, model, "
-                                   "weights, simulation, train). Writes model.pt (trainable weights only), "
-                                   "metrics.json and loss.tsv.")
+    p = sub.add_parser("train", description="Fine-tune MMRAD: frozen SAM encoder, low-level prompts and the shared decoder, "
+                                            "trained on healthy pairs with simulated anomalies (params: seed, model, "
+                                            "weights, simulation, train). Writes model.pt (trainable weights only), "
+                                            "metrics.json and loss.tsv.")
     p.add_argument("--prepared", help="prepared dataset folder (default: data/prepared/<train.dataset>)")
     p.add_argument("--out", default="models/mmrad", help="output folder (default: %(default)s)")
     p.add_argument("--checkpoints", default="checkpoints/mmrad",
@@ -214,9 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=positive_int, metavar="N", help="stop after N more steps (a checkpoint stays)")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="evaluate MMRAD or a baseline on the prepared test split",
-                       description="Pixel AUROC and AU-PRO per modality, detection AUROC of every case score, "
-                                   "per-symptom results, ROC/PRO curves (CSV) and overlay PNGs. "
+    p = sub.add_parser("evaluate", description="Pixel AUROC and AU-PRO per modality, detection AUROC of every case score, "
+                                               "per-symptom results, ROC/PRO curves (CSV) and overlay PNGs. "
                                    f"Baselines ({', '.join(BASELINES)}) are fitted on the healthy "
                                    "training split first.")
     p.add_argument("method", choices=list(METHODS))
@@ -225,40 +221,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: reports/<method>)")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("report", help="write the markdown report from the evaluation metrics",
-                       description="Tables 2, 5, 12 and 13 of the paper, with our numbers beside the published ones.")
+    p = sub.add_parser("report", description="Tables 2, 5, 12 and 13 of the paper, with our numbers beside the published ones.")
     p.add_argument("--reports", default="reports", help="folder of <method>/metrics.json (default: %(default)s)")
     p.add_argument("--train-metrics", default="models/mmrad/metrics.json")
     p.add_argument("--out", default="reports/report.md")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("register", help="log the run to MLflow and register the model as challenger",
-                       description="Open an MLflow run with params, per-step training loss, every evaluation "
-                                   "metric, artifacts (report, curves, overlays, dvc.lock) and lineage tags "
-                                   "(git commit, DVC data hashes, params hash, weights); log the model as an "
-                                   "MLflow pyfunc model and register it as a new version with alias 'challenger'. "
-                                   "Tracks to MLFLOW_TRACKING_URI, else the embedded sqlite store mlflow.db.")
+    p = sub.add_parser("register", description="Open an MLflow run with params, per-step training loss, every evaluation "
+                                               "metric, artifacts (report, curves, overlays, dvc.lock) and lineage tags "
+                                               "(git commit, DVC data hashes, params hash, weights); log the model as an "
+                                               "MLflow pyfunc model and register it as a new version with alias 'challenger'. "
+                                               "Tracks to MLFLOW_TRACKING_URI, else the embedded sqlite store mlflow.db.")
     p.add_argument("--model-dir", default="models/mmrad", help="trained model folder (default: %(default)s)")
     p.add_argument("--reports", default="reports", help="evaluation outputs (default: %(default)s)")
     p.add_argument("--out", default="models/registered.json", help="ids of the run and version (default: %(default)s)")
     p.set_defaults(func=_cmd_register)
 
-    p = sub.add_parser("registry", help="promote, roll back or list registered model versions",
-                       description="promote: move 'champion' to 'challenger' if the gate in params.yaml "
-                                   "(tracking.gate) passes; exit status 1 when it fails. rollback: restore the "
-                                   "champion's predecessor. list: versions, aliases and gated metrics.")
+    p = sub.add_parser("registry", description="promote: move 'champion' to 'challenger' if the gate in params.yaml "
+                                               "(tracking.gate) passes; exit status 1 when it fails. rollback: restore the "
+                                               "champion's predecessor. list: versions, aliases and gated metrics.")
     p.add_argument("action", choices=["promote", "rollback", "list"])
     p.add_argument("--dry-run", action="store_true", help="promote: print the comparison, change nothing")
     p.add_argument("--force", action="store_true", help="promote: past a failed gate (needs --reason)")
     p.add_argument("--reason", help="promote --force: why, recorded on the version with who and when")
     p.set_defaults(func=_cmd_registry)
 
-    p = sub.add_parser("predict", help="score fundus / OCT images with a trained or registered model",
-                       description="Score one case (--fundus and/or --oct) or a folder of cases "
-                                   "(<case>_fundus.<ext> / <case>_oct.<ext>, or <case>/fundus.<ext> + "
-                                   "<case>/oct.<ext>). Images are resized as the prepare stage does. Writes "
-                                   "scores.json, scores.parquet and overlays/<case>.png under --out. The score is "
-                                   "the fusion token's anomaly probability for a pair, the single-modal one else.")
+    p = sub.add_parser("predict", description="Score one case (--fundus and/or --oct) or a folder of cases "
+                                              "(<case>_fundus.<ext> / <case>_oct.<ext>, or <case>/fundus.<ext> + "
+                                              "<case>/oct.<ext>). Images are resized as the prepare stage does. Writes "
+                                              "scores.json, scores.parquet and overlays/<case>.png under --out. The score is "
+                                              "the fusion token's anomaly probability for a pair, the single-modal one else.")
     p.add_argument("--model", default="models/mmrad",
                    help="training output folder / model.pt (rebuilt with --params), or an MLflow model: "
                         "models:/NAME@ALIAS, runs:/ID/model (default: %(default)s)")
@@ -271,9 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-overlays", action="store_true", help="scores only, no PNGs")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("contact-sheet", help="save a PNG grid of synthetic images",
-                       description="Render a grid of synthetic fundus and OCT images, healthy and with "
-                                   "each lesion kind outlined, to show what the default data looks like.")
+    p = sub.add_parser("contact-sheet", description="Render a grid of synthetic fundus and OCT images, healthy and with "
+                                                    "each lesion kind outlined, to show what the default data looks like.")
     p.add_argument("--out", default="docs/synthetic-data.png", help="PNG path (default: %(default)s)")
     p.set_defaults(func=_cmd_contact_sheet)
     return parser

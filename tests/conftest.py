@@ -104,6 +104,7 @@ def registered_tiny(trained_tiny, prepared_mmr, tmp_path_factory) -> SimpleNames
     params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.setenv("MMRAD_RUN_TAGS", '{"prefect.flow_run_id": "a-flow-run"}')  # what flows/ hands the stage
         record = log_and_register(params, project=root, model_dir=model_dir, reports=reports,
                                   out=root / "registered.json", params_file=params_file)
     return SimpleNamespace(params=params, root=root, uri=uri, record=record, evaluation=evaluation, reports=reports)

@@ -39,6 +39,11 @@ class MMRADModel(mlflow.pyfunc.PythonModel):
     "fundus_map" / "oct_map": (B, S, S) per-pixel anomaly probability}.
     """
 
+    # The input is a dict of image arrays, described by the explicit tensor signature the model is logged with
+    # (model_signature); MLflow's type-hint validation has no type for it, and without this flag it warns
+    # "add type hints to predict" (with terminal colour codes) on every import of this module.
+    _skip_type_hint_validation = True
+
     def load_context(self, context):
         raw = yaml.safe_load(Path(context.artifacts["params"]).read_text())
         weights = raw.get("weights") or {}

@@ -8,7 +8,11 @@ an MLflow run and logs
   metrics (``fundus.pixel_auroc``, ``detection.fusion`` ...), the baselines'
   under their name (``padim.fundus.pixel_auroc``), the transfer tests under
   ``transfer.<key>`` and the retrieval diagnostic;
-* artifacts: the report, curves, overlays, dvc.lock and params.yaml;
+* artifacts: the report, every method's curves (CSV) and overlays, the curves
+  and the loss as figures (PNG, ``figures/``), dvc.lock and params.yaml;
+* dataset inputs: each prepared dataset with its DVC hash as the digest;
+* descriptions: the run's is the report's header and Table 2, the model
+  version's its headline numbers and lineage;
 * the fine-tuned model as an MLflow pyfunc model (``mmrad.ops.serving``) with a
   signature and an input example, registered as a new version of
   ``tracking.model_name`` with the alias ``challenger``;
@@ -27,20 +31,25 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import mlflow
 import mlflow.pyfunc
 import yaml
 from mlflow import MlflowClient
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric
 
 from mmrad.core.errors import DataError
 from mmrad.core.outputs import atomic_write_text
+from mmrad.core.provenance import code_state, orchestrator_tags
 from mmrad.evaluation.compare import REPLICATES, SCORES
+from mmrad.evaluation.figures import curve_figures, loss_figure
 from mmrad.evaluation.methods import BASELINES, MAIN
 from mmrad.models.builder import MODEL_FILE
 from mmrad.ops import serving
@@ -50,8 +59,6 @@ log = logging.getLogger(__name__)
 CHALLENGER, CHAMPION = "challenger", "champion"
 EMBEDDED_DB = "mlflow.db"
 EMBEDDED_ARTIFACTS = "mlartifacts"
-# What DVC writes during a repro: changes there do not make the code "dirty".
-GENERATED_PATHS = ("dvc.lock", "reports", "models")
 
 
 # --------------------------------------------------------------------------- where
@@ -135,14 +142,6 @@ def params_hash(params) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _git(project: Path, *args: str) -> str | None:
-    try:
-        done = subprocess.run(["git", *args], cwd=project, capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return done.stdout.strip()
-
-
 def dvc_out_hashes(lock_file: str | Path) -> dict[str, str]:
     """{output path: md5} of every stage output recorded in dvc.lock."""
     lock_file = Path(lock_file)
@@ -163,13 +162,11 @@ def dvc_out_hashes(lock_file: str | Path) -> dict[str, str]:
 def lineage_tags(params, project: str | Path, weights_identity: dict | None) -> dict[str, str]:
     """Tags that trace a run to its code, data, params and pretrained weights."""
     project = Path(project)
-    commit = _git(project, "rev-parse", "HEAD")
-    changed = _git(project, "status", "--porcelain", "--untracked-files=no", "--", ".",
-                   *[f":(exclude){p}" for p in GENERATED_PATHS])
+    commit, dirty = code_state(project)
     hashes = dvc_out_hashes(project / "dvc.lock")
     tags = {
         "mmrad.git_commit": commit or "unknown (not a git repository)",
-        "mmrad.git_dirty": "unknown" if changed is None else str(bool(changed)).lower(),
+        "mmrad.git_dirty": "unknown" if dirty is None else str(dirty).lower(),
         "mmrad.params_hash": params_hash(params),
         "mmrad.train_dataset": params.train.dataset,
     }
@@ -222,6 +219,48 @@ def collect_metrics(reports: Path, trained: dict) -> dict[str, float]:
 
 
 EVIDENCE = "evidence"
+FIGURES = "figures"
+SUMMARY_CHARS = 6000  # MLflow shows a run's description above its details: the report's header and Table 2
+
+
+def report_summary(report: Path) -> str:
+    """The run's description: the report up to the end of its first table (what the run is, the headline
+    numbers with their intervals); the whole report is an artifact."""
+    if not report.is_file():
+        return "No report (the report stage did not run)."
+    text = report.read_text()
+    sections = text.split("\n## ")
+    summary = "\n## ".join(sections[:2]).strip()
+    return summary[:SUMMARY_CHARS] + "\n\n(The full report is the run's artifact report.md.)"
+
+
+def version_description(metrics: dict[str, float], tags: dict[str, str], run_id: str) -> str:
+    """A model version's description: its headline numbers and where it came from."""
+    def figure(key: str) -> str:
+        if key not in metrics:
+            return "n/a"
+        low, high = metrics.get(f"{key}.ci_low"), metrics.get(f"{key}.ci_high")
+        return f"{metrics[key]:.4f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else "")
+
+    return (f"Detection AUROC (fusion) {figure('detection.fusion')}; pixel AUROC fundus "
+            f"{figure('fundus.pixel_auroc')}, OCT {figure('oct.pixel_auroc')} (95 % intervals: case bootstrap). "
+            f"Trained on {tags.get('mmrad.train_dataset', '?')} (DVC {tags.get('mmrad.data.mmr', '?')[:12]}), "
+            f"commit {tags.get('mmrad.git_commit', '?')[:12]}, weights: {tags.get('mmrad.weights.sam', '?')}. "
+            f"MLflow run {run_id}.")
+
+
+def log_datasets(params, hashes: dict[str, str], project: Path) -> None:
+    """Each prepared dataset as an MLflow dataset input: its folder, its DVC hash as the digest."""
+    for name, source in params.datasets.items():
+        prepared = f"data/prepared/{name}"
+        if prepared not in hashes:
+            continue
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local folder is a local folder
+            warnings.simplefilter("ignore", UserWarning)
+            where = resolve_dataset_source(str((project / prepared).resolve()))
+        role = "training" if name == params.train.dataset else "transfer testing"
+        mlflow.log_input(MetaDataset(where, name=f"{name} (prepared)", digest=hashes[prepared][:36]), context=role,
+                         tags={"dvc.md5": hashes[prepared], "raw_root": source.root})
 
 
 def evidence_folders(reports: Path) -> dict[str, Path]:
@@ -268,8 +307,10 @@ def log_and_register(params, project: str | Path = ".", model_dir: str | Path = 
         if entry is not None:
             artifacts[f"weights_resnet{i}"] = entry.path
     size = params.model.image_size
+    tags.update(orchestrator_tags())  # the Prefect flow run that runs this stage, when one does
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{params.tracking.model_name} "
-                          f"{tags['mmrad.git_commit'][:8]}", tags=tags) as run:
+                          f"{tags['mmrad.git_commit'][:8]}", tags=tags,
+                          description=report_summary(reports / "report.md")) as run:
         flat_params = {k: json.dumps(v) if isinstance(v, (list, dict)) else v
                        for k, v in flatten(params.model_dump(mode="json")).items()}
         mlflow.log_params(flat_params)
@@ -279,17 +320,23 @@ def log_and_register(params, project: str | Path = ".", model_dir: str | Path = 
         for start in range(0, len(per_step), 1000):  # the store takes at most 1000 metrics per batch
             client.log_batch(run.info.run_id, metrics=per_step[start:start + 1000])
         mlflow.log_metrics(metrics)
+        log_datasets(params, hashes=dvc_out_hashes(project / "dvc.lock"), project=project)
         for name, folder in evidence_folders(reports).items():  # per-case scores + replicates: the gate's paired tests
             for file in (SCORES, REPLICATES):
                 if (folder / file).is_file():
                     mlflow.log_artifact(str(folder / file), f"{EVIDENCE}/{name}")
-        for path, folder in [(reports / "report.md", None), (project / "dvc.lock", None),
-                             (Path(params_file), None), (reports / "mmrad" / "plots", "plots/mmrad"),
-                             (reports / "mmrad" / "overlays", "overlays/mmrad")]:
+            for kind in ("plots", "overlays"):  # every method's curves (CSV) and overlays (PNG)
+                if (folder / kind).is_dir():
+                    mlflow.log_artifacts(str(folder / kind), f"{kind}/{name}")
+        for path in (reports / "report.md", project / "dvc.lock", Path(params_file)):
             if path.is_file():
-                mlflow.log_artifact(str(path), folder)
-            elif path.is_dir():
-                mlflow.log_artifacts(str(path), folder)
+                mlflow.log_artifact(str(path))
+        for file, figure in curve_figures(reports).items():  # the curves as images, every method in one figure
+            mlflow.log_figure(figure, f"{FIGURES}/{file}")
+            plt.close(figure)
+        if (figure := loss_figure(model_dir / "loss.tsv")) is not None:
+            mlflow.log_figure(figure, f"{FIGURES}/loss.png")
+            plt.close(figure)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(serving.MODEL_CODE), artifacts=artifacts,
             code_paths=[str(serving.PACKAGE)], signature=serving.model_signature(size),
@@ -297,6 +344,8 @@ def log_and_register(params, project: str | Path = ".", model_dir: str | Path = 
             pip_requirements=serving.pip_requirements())
         run_id = run.info.run_id
     version = mlflow.register_model(info.model_uri, params.tracking.model_name, tags=tags)
+    client.update_model_version(params.tracking.model_name, version.version,
+                                description=version_description(metrics, tags, run_id=run.info.run_id))
     client.set_registered_model_alias(params.tracking.model_name, CHALLENGER, version.version)
     record = {"tracking_uri": uri, "experiment_id": experiment_id, "run_id": run_id,
               "model_name": params.tracking.model_name, "version": int(version.version),

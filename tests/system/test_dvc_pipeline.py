@@ -76,11 +76,19 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, TaskRunFilter
 from prefect.client.schemas.sorting import ArtifactSort, FlowRunSort
 with get_client(sync_client=True) as c:  # (this client version needs every filter spelled out)
-    runs = {r.name: r.state_type.value for r in c.read_flow_runs(limit=200, offset=0, sort=FlowRunSort.START_TIME_ASC)}
+    flow_runs = c.read_flow_runs(limit=200, offset=0, sort=FlowRunSort.START_TIME_ASC)
+    runs = {r.name: r.state_type.value for r in flow_runs}
+    detail = {r.name: {"id": str(r.id), "tags": sorted(r.tags), "parent": str(r.parent_task_run_id or "")}
+              for r in flow_runs}
+    parents = {}
+    for r in flow_runs:
+        if r.parent_task_run_id:
+            task = c.read_task_run(r.parent_task_run_id)
+            parents[str(r.parent_task_run_id)] = {"name": task.name, "flow_run": str(task.flow_run_id)}
     artifacts = c.read_artifacts(artifact_filter=ArtifactFilter(), flow_run_filter=FlowRunFilter(),
                                  task_run_filter=TaskRunFilter(), limit=200, offset=0, sort=ArtifactSort.KEY_ASC)
     keys = sorted({a.key for a in artifacts if a.key})
-print('RUNS', json.dumps({"runs": runs, "artifacts": keys}))
+print('RUNS', json.dumps({"runs": runs, "artifacts": keys, "detail": detail, "parents": parents}))
 """
     out = _run([sys.executable, "-c", script], root, env)
     return json.loads(next(line for line in out.splitlines() if line.startswith("RUNS "))[5:])
@@ -100,11 +108,19 @@ def test_repro_builds_every_stage_and_a_second_repro_does_nothing(built):
         assert (root / path).is_file(), path
     assert "## Table 11" in (root / "reports" / "report.md").read_text()
 
-    # every stage was a Prefect flow run, inside the retrain flow run, with its artifacts
+    # every stage was a Prefect flow run named after its DVC stage, inside the retrain flow run, with its artifacts
     recorded = _prefect_runs(root, env)
-    assert {"generate", "prepare mmr", "prepare-images", "train", "evaluate mmrad", "evaluate padim", "report",
-            "register"} <= set(recorded["runs"]), recorded
+    stages = set(yaml.safe_load((root / "dvc.lock").read_text())["stages"])  # prepare@mmr, transfer@mmr_to_idrid ...
+    assert {"generate", "prepare@mmr", "train", "baseline@padim", "transfer@mmr_to_idrid", "register"} <= stages
+    assert stages <= set(recorded["runs"]), recorded
     assert set(recorded["runs"].values()) == {"COMPLETED"}
+    (retrain_run,) = set(recorded["runs"]) - stages
+    commit = _run(["git", "rev-parse", "HEAD"], root, env).strip()
+    for name in stages:  # one parent per repro: the retrain flow's dvc-repro task run; tagged project and commit
+        run = recorded["detail"][name]
+        parent = recorded["parents"][run["parent"]]
+        assert parent["name"].startswith("dvc-repro") and parent["flow_run"] == recorded["detail"][retrain_run]["id"]
+        assert {"mmrad", "project:project", f"commit:{commit[:12]}"} <= set(run["tags"]), run
     assert {"mmrad-report", "mmrad-registered", "mmrad-promotion"} <= set(recorded["artifacts"])
     # MLflow: one tracked run, registered as version 1; the gate made it champion (there was none)
     result = json.loads(next(line for line in log.splitlines() if line.startswith("RESULT "))[7:])
@@ -118,6 +134,13 @@ def test_repro_builds_every_stage_and_a_second_repro_does_nothing(built):
     assert run.data.tags["mmrad.data.mmr"] == prepared and run.data.tags["mmrad.git_dirty"] == "false"
     assert run.data.tags["mmrad.git_commit"] == _run(["git", "rev-parse", "HEAD"], root, env).strip()
     assert "detection.fusion" in run.data.metrics and "transfer.mmr_to_idrid.fundus.pixel_auroc" in run.data.metrics
+    # the MLflow run and the flow runs name each other
+    assert run.data.tags["prefect.flow_run_id"] == recorded["detail"]["register"]["id"]
+    assert run.data.tags["prefect.parent_flow_run_id"] == recorded["detail"][retrain_run]["id"]
+    top = client.list_artifacts(run.info.run_id)  # every method's curves and overlays, the curves as figures
+    paths = {a.path for a in top} | {b.path for a in top if a.is_dir for b in client.list_artifacts(run.info.run_id, a.path)}
+    assert {"plots/padim", "overlays/patchcore", "plots/transfer.mmr_to_idrid", "figures/roc_oct.png",
+            "figures/loss.png"} <= paths, paths
 
     assert "Data and pipelines are up to date" in _run([dvc, "status"], root, env)
     assert "are in sync" in _run([dvc, "status", "--cloud"], root, env)  # the flow pushed everything

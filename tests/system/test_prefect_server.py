@@ -122,3 +122,29 @@ def test_an_idle_server_stops_by_itself_and_no_server_is_started_when_one_is_con
     # and MMRAD_PREFECT_SERVER=off keeps Prefect's temporary API per stage
     done = _flows(root, {**env, "MMRAD_PREFECT_SERVER": "off"}, "generate", "--out", "out2")
     assert done.returncode == 0 and STARTED not in done.stderr and not (root / ".prefect" / "mmrad-server.json").exists()
+
+
+def test_a_stage_run_is_named_after_its_dvc_stage_tagged_and_holds_the_library_log(tmp_path, prefect_api):
+    root, env = _project(tmp_path)
+    for command in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        subprocess.run(["git", *command], cwd=root, check=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    # what DVC sets for a stage's command (DVC_STAGE: the stage's address in dvc.yaml)
+    env = {**env, "PREFECT_API_URL": prefect_api, "DVC_STAGE": "generate@tagged", "DVC_ROOT": str(root)}
+    done = _flows(root, env, "generate", "--out", "out")
+    assert done.returncode == 0, done.stderr[-3000:]
+    script = ("import json\n"
+              "from prefect.client.orchestration import get_client\n"
+              "from prefect.client.schemas.filters import FlowRunFilter, LogFilter\n"
+              "with get_client(sync_client=True) as c:\n"
+              "    runs = [r for r in c.read_flow_runs() if r.name == 'generate@tagged']\n"
+              "    logs = c.read_logs(LogFilter(flow_run_id={'any_': [runs[0].id]}))\n"
+              "    print('RUNS', json.dumps({'count': len(runs), 'tags': sorted(runs[0].tags),\n"
+              "                              'logs': [entry.message for entry in logs]}))\n")
+    read = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert read.returncode == 0, read.stderr[-2000:]
+    found = json.loads(next(line for line in read.stdout.splitlines() if line.startswith("RUNS "))[5:])
+    assert found["count"] == 1
+    assert found["tags"] == sorted(["mmrad", "project:project", f"commit:{commit[:12]}"])
+    # the library's own log lines (logger mmrad.*) are in the flow run's log, not only on the terminal
+    assert any(message.startswith("generated {") for message in found["logs"]), found["logs"]

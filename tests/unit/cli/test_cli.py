@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -21,7 +22,15 @@ def test_help_lists_every_stage():
     assert result.returncode == 0
     for command in ("generate", "prepare", "contact-sheet"):
         assert command in result.stdout
-    assert "dvc repro" in result.stdout
+        assert len(re.findall(rf"^  {command} ", result.stdout, re.M)) == 1  # one command list, not two
+    assert "dvc repro" in result.stdout and not result.stderr
+
+
+def test_registry_list_prints_no_warning_and_no_escape_codes(tmp_path):
+    (tmp_path / "params.yaml").write_text((PROJECT / "params.yaml").read_text())
+    result = run_cli("registry", "list", cwd=tmp_path)
+    assert result.returncode == 0 and "no versions of mmrad registered yet" in result.stdout
+    assert "Warning" not in result.stderr and "\x1b[" not in result.stdout + result.stderr
 
 
 def _write_params(tmp_path, raw):

@@ -265,8 +265,26 @@ def test_register_logs_lineage_metrics_and_a_loadable_model(registered_tiny, pre
     tags = run.data.tags
     assert tags["mmrad.data.mmr"] == "abc123.dir" and tags["mmrad.params_hash"] == params_hash(params)
     assert tags["mmrad.weights.sam"] == "random init" and tags["mmrad.git_commit"].startswith("unknown")
+    assert tags["prefect.flow_run_id"] == "a-flow-run"  # the link back to the orchestrator's run
     version = client.get_model_version_by_alias(params.tracking.model_name, CHALLENGER)
     assert str(version.version) == str(record["version"]) and version.tags["mmrad.params_hash"] == params_hash(params)
+    # descriptions: the run's is the report's head (none here: no report stage), the version's its numbers
+    assert tags["mlflow.note.content"].startswith("No report")
+    assert f"Detection AUROC (fusion) {evaluation['detection']['fusion']:.4f} [" in version.description
+    assert record["run_id"] in version.description
+    # the curves as figures beside their CSVs, the overlays, the loss
+    figures = {a.path for a in client.list_artifacts(record["run_id"], "figures")}
+    assert {"figures/roc_fundus.png", "figures/pro_oct.png", "figures/roc_detection.png",
+            "figures/loss.png"} <= figures
+    local = Path(client.download_artifacts(record["run_id"], "figures/roc_fundus.png"))
+    assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and local.stat().st_size > 10_000
+    assert {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(record["run_id"], "plots/mmrad")} >= {
+        "roc_fundus.csv", "pro_oct.csv"}
+    assert any(a.path.endswith(".png") for a in client.list_artifacts(record["run_id"], "overlays/mmrad"))
+    # the prepared data as a dataset input, its DVC hash the digest
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "mmr (prepared)" and dataset.dataset.digest == "abc123.dir"
+    assert {t.key: t.value for t in dataset.tags}["mlflow.data.context"] == "training"
 
     # the registered model loads with plain MLflow and gives the evaluate stage's numbers
     model = mlflow.pyfunc.load_model(f"models:/{params.tracking.model_name}@{CHALLENGER}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -53,9 +54,13 @@ def test_map_losses_reward_the_right_answer(kind):
 
 def test_training_drives_the_loss_down_and_says_random_init_loudly(prepared_mmr, tmp_path, caplog):
     params = _params(steps=40, batch_size=2, lr=2e-3, checkpoint_every=40)
-    with caplog.at_level(logging.WARNING, logger="mmrad.models.builder"):
+    with caplog.at_level(logging.INFO, logger="mmrad"):
         metrics = train(params, prepared_mmr, tmp_path / "model", tmp_path / "ckpt", progress=False)
     assert "RANDOM INIT" in caplog.text
+    # progress reaches the log (a flow run's log) without the terminal's bar: every 4th of 40 steps
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split(" (")[0] for line in progress] == [f"step {k}/40" for k in range(4, 41, 4)]
+    assert re.fullmatch(r"step 40/40 \(100 %\): loss \d\.\d{4}, \d+\.\d\d steps/s, about 0 s left", progress[-1])
     assert metrics["pretrained"] is False and metrics["weights"]["sam"] == "random init"
     assert metrics["final_loss"] < 0.8 * metrics["first_loss"], metrics
     saved = json.loads((tmp_path / "model" / "metrics.json").read_text())
