@@ -117,12 +117,6 @@ def check_output_folder(final: str | Path, inputs: Iterable[str | Path] = ()) ->
                         "or empty folder, or remove this one yourself")
 
 
-def make_dir(path: Path) -> None:
-    """A folder with the permissions ``mkdir`` would give under the umask (tempfile makes them 0700)."""
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o777 & ~_umask())
-
-
 @contextlib.contextmanager
 def atomic_dir(final: str | Path, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
     """Yield a fresh temporary folder that replaces ``final`` on success.
