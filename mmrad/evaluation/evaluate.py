@@ -39,10 +39,11 @@ from mmrad.data.splits import SplitData
 from mmrad.data.symptoms import FUNDUS, OCT
 from mmrad.evaluation import compare, methods, metrics, scorers, uncertainty
 from mmrad.evaluation.inference import Predictions
-from mmrad.evaluation.plots import save_overlays
+from mmrad.evaluation.plots import OverlayLabels, save_overlays
 
 log = logging.getLogger(__name__)
 
+SCORE_WORDS = {"fusion": "fusion token", "max": "max of fundus and OCT"}  # a case score in a legend
 CURVE_POINTS = 200  # points kept per curve for plots (full curves have millions)
 REPLICATES = compare.REPLICATES
 
@@ -105,10 +106,13 @@ def evaluate_predictions(test: SplitData, predictions: Predictions, settings: Ev
         if hist is not None:
             ci.pixel(("localisation", modality), hist, gt, loc)
         fpr, tpr = whole.roc_curve()  # sklearn's roc_curve(drop_intermediate=True) points
-        curves[f"roc_{modality}"] = dict(zip(("fpr", "tpr"), _downsample(fpr, tpr)))
+        # "curve": the legend label's metric part, metrics.json's value (write_outputs puts the method's title first)
+        rounded = result["localisation"][modality]
+        curves[f"roc_{modality}"] = {**dict(zip(("fpr", "tpr"), _downsample(fpr, tpr))), "curve": f"AUC {rounded['pixel_auroc']:.3f}"}
         pro_fpr, pro = whole.pro_curve()
         keep = pro_fpr <= 0.3
-        curves[f"pro_{modality}"] = dict(zip(("fpr", "pro"), _downsample(pro_fpr[keep], pro[keep])))
+        curves[f"pro_{modality}"] = {**dict(zip(("fpr", "pro"), _downsample(pro_fpr[keep], pro[keep]))),
+                                     "curve": f"AU-PRO {rounded['aupro']:.3f}"}
         result["per_symptom"][modality] = _per_symptom(test.dataset, modality, ranked, bits, hist, ci)
     if len(np.unique(test.labels)) == 2:
         degenerate = []
@@ -121,9 +125,9 @@ def evaluate_predictions(test: SplitData, predictions: Predictions, settings: Ev
                 ci.put(("detection",), name, uncertainty.detection_replicates(scores, test.labels, ci.weights))
         result["score_spread"] = {name: float(f"{spread(s):.4g}") for name, s in predictions.scores.items()}
         result["degenerate"] = degenerate
-        main = "fusion" if "fusion" in predictions.scores else next(iter(predictions.scores))
+        main = methods.main_score(predictions.scores)
         fpr, tpr = metrics.roc_curve_points(predictions.scores[main], test.labels)
-        curves["roc_detection"] = {"fpr": fpr, "tpr": tpr}
+        curves["roc_detection"] = {"fpr": fpr, "tpr": tpr, "curve": f"AUC {result['detection'][main]:.3f} ({SCORE_WORDS.get(main, main)})"}
     if len(predictions.embeddings) == 2 and len(test.case_ids) >= 2:
         fundus, oct_ = predictions.embeddings[FUNDUS], predictions.embeddings[OCT]
         n = len(test.case_ids)
@@ -168,26 +172,50 @@ def write_replicates(path: Path, replicates: dict[str, np.ndarray], case_ids: li
 
 def write_outputs(out: str | Path, result: dict, curves: dict, test: SplitData, predictions: Predictions,
                   replicates: dict[str, np.ndarray] | None = None, seed: int = 0, overlays: int = 8,
-                  inputs: list[str | Path] = ()) -> None:
+                  inputs: list[str | Path] = (), note: str = "") -> None:
     """metrics.json, scores.csv (per case), replicates.parquet, plots/*.csv and overlays/*.png under ``out``,
-    atomically (never over ``inputs``, mmrad.core.outputs)."""
+    atomically (never over ``inputs``, mmrad.core.outputs); ``note`` is printed on every overlay
+    (``research_note``)."""
     with atomic_dir(out, inputs) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         if replicates:
             write_replicates(tmp / REPLICATES, replicates, test.case_ids, seed)
         (tmp / "plots").mkdir()
+        title = methods.METHODS[result["method"]].title if result.get("method") in methods.METHODS else None
         for name, columns in curves.items():
-            keys = list(columns)
+            keys = [k for k in columns if k != "curve"]
+            # the last column, `curve`, is the legend label of `dvc plots` ("MMRAD · AUC 0.931"), on every row
+            label = " · ".join(part for part in (title, columns.get("curve")) if part) or name
+            if "," in label or '"' in label:
+                raise ValueError(f"curve label {label!r} would break the CSV")
             rows = zip(*(np.asarray(columns[k], dtype=float) for k in keys))
-            lines = [",".join(keys)] + [",".join(f"{v:.6g}" for v in row) for row in rows]
-            (tmp / "plots" / f"{name}.csv").write_text("\n".join(lines) + "\n")
+            lines = [",".join([*keys, "curve"])] + [",".join([*(f"{v:.6g}" for v in row), label]) for row in rows]
+            (tmp / "plots" / f"{name}.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
         keys = list(predictions.scores)
         lines = [",".join(["case_id", "label", *keys])] + [
             ",".join([case, str(int(test.labels[i])), *(f"{predictions.scores[k][i]:.8g}" for k in keys)])
             for i, case in enumerate(test.case_ids)]
         (tmp / "scores.csv").write_text("\n".join(lines) + "\n")
         (tmp / "overlays").mkdir()
-        save_overlays(test, predictions, tmp / "overlays", overlays)
+        spec = methods.METHODS.get(result.get("method", methods.MAIN), methods.METHODS[methods.MAIN])
+        save_overlays(test, predictions, tmp / "overlays", overlays, OverlayLabels(spec.title, spec.map_label, note))
+
+
+def research_note(params: Params, method: str, dataset: str) -> str:
+    """The warning every overlay of this run carries: "research use only" when the evaluated data set is the
+    synthetic one (its root under a `synthetic` folder, params.yaml `datasets`) or the method's frozen networks
+    are randomly initialised (no SAM / ResNet weights files: all of MMRAD's; a baseline's first ResNet); empty
+    for real data with pretrained weights."""
+    source = params.datasets.get(dataset.lower())
+    reasons = ["synthetic data"] if source is not None and "synthetic" in Path(source.root).parts else []
+    resnets = list(params.weights.resnets)
+    if methods.get(method).trained:
+        random = params.weights.sam is None or len(resnets) < params.model.cnn_count or None in resnets
+    else:
+        random = not resnets or resnets[0] is None
+    if random:
+        reasons.append("random (not pretrained) weights")
+    return f"Research use only: {', '.join(reasons)}. Not for clinical use." if reasons else ""
 
 
 def run_evaluation(params: Params, method: str, prepared: str | Path, out: str | Path,
@@ -199,6 +227,7 @@ def run_evaluation(params: Params, method: str, prepared: str | Path, out: str |
     test, predictions = getattr(scorers, spec.scorer)(params, prepared, model_path)
     result, curves, replicates = evaluate_predictions(test, predictions, params.evaluation, params.seed)
     result["method"] = method
-    write_outputs(out, result, curves, test, predictions, replicates, params.seed, inputs=inputs)
+    write_outputs(out, result, curves, test, predictions, replicates, params.seed, inputs=inputs,
+                  note=research_note(params, method, test.dataset))
     log.info("evaluate %s: localisation %s, detection %s", method, result["localisation"], result["detection"])
     return result

@@ -14,7 +14,7 @@ from pathlib import Path
 from mmrad.core.errors import DataError
 from mmrad.core.outputs import atomic_write_text
 from mmrad.core.params import Params
-from mmrad.evaluation import compare
+from mmrad.evaluation import compare, methods
 from mmrad.evaluation.methods import BASELINES, MAIN, METHODS
 
 # Paper Tables 2, 5, 12, 13 (MMR). (pixel AUC, PRO) per modality, detection AUC.
@@ -44,8 +44,8 @@ def _f(value) -> str:
 
 
 def _main_score(result: dict) -> str:
-    """The method's case score: MMRAD's fusion token, a baseline's max of both modalities."""
-    return "fusion" if "fusion" in result.get("detection", {}) else "max"
+    """The method's case score (mmrad.evaluation.methods.main_score)."""
+    return methods.main_score(result.get("detection", {}))
 
 
 def _detection(result: dict) -> float | None:

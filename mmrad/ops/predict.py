@@ -34,7 +34,9 @@ from mmrad.core.params import load_params
 from mmrad.data import symptoms
 from mmrad.data.prepare import load_for_model
 from mmrad.data.splits import SplitData
+from mmrad.evaluation.evaluate import research_note
 from mmrad.evaluation.inference import predict_mmrad
+from mmrad.evaluation.methods import MAIN
 from mmrad.evaluation.plots import plot_case
 from mmrad.models.builder import MODEL_FILE, load_finetuned
 from mmrad.ops.tracking import use_tracking
@@ -110,6 +112,7 @@ def predict_files(model, params, cases: list[Case], out: str | Path, batch_size:
     inputs = [*inputs, *(p for c in cases for p in c.paths.values())]
     check_output_folder(out, inputs)
     size = params.prepare.resolution
+    note = research_note(params, MAIN, dataset="")  # random weights: every overlay says "research use only"
     # a batch holds cases with the same modalities (the model scores a pair or a single image)
     groups: dict[tuple[str, ...], list[Case]] = {}
     for case in sorted(cases, key=lambda c: c.case_id):
@@ -138,7 +141,7 @@ def predict_files(model, params, cases: list[Case], out: str | Path, batch_size:
                     plot_case(tmp / "overlays" / name, f"{case.case_id}: case score {score:.2f}",
                               images={m: batch.images[m][i] for m in modalities},
                               maps={m: result.maps[m][i] for m in modalities},
-                              vmax={m: 1.0 for m in modalities}, scores=singles)
+                              vmax={m: 1.0 for m in modalities}, scores=singles, note=note)
                     record["overlay"] = f"overlays/{name}"
                 records.append(record)
             progress.update(len(chunk))

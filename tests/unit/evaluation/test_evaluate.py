@@ -12,7 +12,7 @@ from PIL import Image
 from mmrad.core.params import Params
 from mmrad.data.splits import SplitData, load_split
 from mmrad.evaluation import metrics
-from mmrad.evaluation.evaluate import evaluate_predictions, run_evaluation
+from mmrad.evaluation.evaluate import evaluate_predictions, run_evaluation, write_outputs
 from mmrad.evaluation.inference import Predictions, with_combined_scores
 from mmrad.evaluation.report import render
 from tests.conftest import tiny_params_dict
@@ -47,10 +47,14 @@ def test_mmrad_evaluation_writes_metrics_curves_and_overlays(trained, prepared_m
     retrieval = saved["retrieval"]
     assert retrieval["chance"] == round(1 / len(load_split(prepared_mmr).case_ids), 4)
     assert 0.0 <= retrieval["fundus_to_oct_top1"] <= 1.0 and 0.0 <= retrieval["oct_to_fundus_top1"] <= 1.0
-    for name in ("roc_fundus", "pro_oct", "roc_detection"):
-        lines = (tmp_path / "mmrad" / "plots" / f"{name}.csv").read_text().splitlines()
-        assert lines[0] in ("fpr,tpr", "fpr,pro") and len(lines) > 2
-    pro = np.loadtxt(tmp_path / "mmrad" / "plots" / "pro_oct.csv", delimiter=",", skiprows=1)
+    labels = {"roc_fundus": f"MMRAD · AUC {saved['localisation']['fundus']['pixel_auroc']:.3f}",
+              "pro_oct": f"MMRAD · AU-PRO {saved['localisation']['oct']['aupro']:.3f}",
+              "roc_detection": f"MMRAD · AUC {saved['detection']['fusion']:.3f} (fusion token)"}
+    for name, label in labels.items():  # the legend of `dvc plots`: the method and its area, on every row
+        lines = (tmp_path / "mmrad" / "plots" / f"{name}.csv").read_text(encoding="utf-8").splitlines()
+        assert lines[0] in ("fpr,tpr,curve", "fpr,pro,curve") and len(lines) > 2
+        assert {line.rsplit(",", 1)[1] for line in lines[1:]} == {label}
+    pro = np.loadtxt(tmp_path / "mmrad" / "plots" / "pro_oct.csv", delimiter=",", skiprows=1, usecols=(0, 1))
     assert pro[:, 0].max() <= 0.3 and np.all(np.diff(pro[:, 0]) >= 0)
     overlays = sorted((tmp_path / "mmrad" / "overlays").glob("*.png"))
     assert overlays and Image.open(overlays[0]).size[0] > 400
@@ -106,12 +110,53 @@ def test_metrics_follow_from_the_predictions():
     assert result["retrieval"] == {"fundus_to_oct_top1": 0.5, "oct_to_fundus_top1": 0.5, "chance": 0.25}
 
 
+def test_curve_files_carry_the_legend_label(tmp_path):
+    """plots/*.csv: the curve's columns as before (6 significant digits) and `curve`, the `dvc plots` legend."""
+    masks = np.zeros((4, 8, 8), np.uint16)
+    masks[2:, 2:5, 2:5] = 0b1
+    images = np.zeros((4, 8, 8, 3), np.uint8)
+    test = SplitData("mmr", ["a", "b", "c", "d"], np.array([0, 0, 1, 1]), images={"fundus": images, "oct": images},
+                     masks={"fundus": masks, "oct": masks})
+    rng = np.random.default_rng(1)
+    preds = with_combined_scores(Predictions(
+        maps={"fundus": (masks > 0).astype(np.float32), "oct": rng.random((4, 8, 8)).astype(np.float32)},
+        scores={"fundus_only": np.array([0.1, 0.3, 0.2, 0.9]), "oct_only": np.array([0.4, 0.1, 0.3, 0.2])}))
+    settings = Params.model_validate(tiny_params_dict()).evaluation
+    result, curves, _ = evaluate_predictions(test, preds, settings, seed=0)
+    result["method"] = "patchcore"
+    write_outputs(tmp_path / "out", result, curves, test, preds, overlays=0)
+    plots = tmp_path / "out" / "plots"
+    assert sorted(p.name for p in plots.iterdir()) == [f"{n}.csv" for n in
+                                                       ("pro_fundus", "pro_oct", "roc_detection", "roc_fundus", "roc_oct")]
+    oct_auc = result["localisation"]["oct"]["pixel_auroc"]
+    expected = {"roc_fundus": "PatchCore · AUC 1.000", "pro_fundus": "PatchCore · AU-PRO 1.000",
+                "roc_oct": f"PatchCore · AUC {oct_auc:.3f}",
+                "roc_detection": f"PatchCore · AUC {result['detection']['max']:.3f} (max of fundus and OCT)"}
+    for name, label in expected.items():
+        header, *rows = (plots / f"{name}.csv").read_text(encoding="utf-8").splitlines()
+        assert header == ("fpr,pro,curve" if name.startswith("pro") else "fpr,tpr,curve")
+        assert rows and all(row.split(",")[2] == label for row in rows)
+    x, y = np.loadtxt(plots / "roc_oct.csv", delimiter=",", skiprows=1, usecols=(0, 1), unpack=True)
+    fpr, tpr = (np.asarray(curves["roc_oct"][k], dtype=float) for k in ("fpr", "tpr"))
+    np.testing.assert_allclose(x, fpr, rtol=1e-5)
+    np.testing.assert_allclose(y, tpr, rtol=1e-5)
+    first = (plots / "roc_detection.csv").read_text(encoding="utf-8").splitlines()[1]
+    assert first.split(",")[:2] == [f"{v:.6g}" for v in (curves["roc_detection"]["fpr"][0], curves["roc_detection"]["tpr"][0])]
+    # without a method (a direct caller), the label is the metric alone
+    write_outputs(tmp_path / "bare", {k: v for k, v in result.items() if k != "method"}, curves, test, preds, overlays=0)
+    assert (tmp_path / "bare" / "plots" / "roc_fundus.csv").read_text(encoding="utf-8").splitlines()[1].endswith(",AUC 1.000")
+
+
 def test_baseline_goes_through_the_same_evaluation(prepared_mmr, tmp_path):
     params = Params.model_validate(tiny_params_dict())
     result = run_evaluation(params, "padim", prepared_mmr, tmp_path / "padim")
     assert result["method"] == "padim"
     assert set(result["detection"]) == {"fundus_only", "oct_only", "max", "mean"}
-    assert (tmp_path / "padim" / "plots" / "roc_fundus.csv").is_file()
+    roc = (tmp_path / "padim" / "plots" / "roc_fundus.csv").read_text(encoding="utf-8").splitlines()
+    assert roc[0] == "fpr,tpr,curve"
+    assert roc[1].endswith(f",PaDiM · AUC {result['localisation']['fundus']['pixel_auroc']:.3f}")
+    detection = (tmp_path / "padim" / "plots" / "roc_detection.csv").read_text(encoding="utf-8").splitlines()
+    assert detection[1].endswith(f",PaDiM · AUC {result['detection']['max']:.3f} (max of fundus and OCT)")  # the paper's rule
 
 
 def test_report_has_the_papers_tables_and_flags_imbalance():
