@@ -77,13 +77,16 @@ def _prefect_runs(root: Path, env: dict) -> dict:
     script = """
 import json
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, TaskRunFilter
+from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, LogFilter, TaskRunFilter
 from prefect.client.schemas.sorting import ArtifactSort, FlowRunSort
 with get_client(sync_client=True) as c:  # (this client version needs every filter spelled out)
     flow_runs = c.read_flow_runs(limit=200, offset=0, sort=FlowRunSort.START_TIME_ASC)
     runs = {r.name: r.state_type.value for r in flow_runs}
     detail = {r.name: {"id": str(r.id), "tags": sorted(r.tags), "parent": str(r.parent_task_run_id or "")}
               for r in flow_runs}
+    train = next(r for r in flow_runs if r.name == "train")
+    progress = [entry.message for entry in c.read_logs(LogFilter(flow_run_id={"any_": [train.id]}))
+                if entry.message.startswith("step ")]
     parents = {}
     for r in flow_runs:
         if r.parent_task_run_id:
@@ -92,7 +95,8 @@ with get_client(sync_client=True) as c:  # (this client version needs every filt
     artifacts = c.read_artifacts(artifact_filter=ArtifactFilter(), flow_run_filter=FlowRunFilter(),
                                  task_run_filter=TaskRunFilter(), limit=200, offset=0, sort=ArtifactSort.KEY_ASC)
     keys = sorted({a.key for a in artifacts if a.key})
-print('RUNS', json.dumps({"runs": runs, "artifacts": keys, "detail": detail, "parents": parents}))
+print('RUNS', json.dumps({"runs": runs, "artifacts": keys, "detail": detail, "parents": parents,
+                          "train_progress": progress}))
 """
     out = _run([sys.executable, "-c", script], root, env)
     return json.loads(next(line for line in out.splitlines() if line.startswith("RUNS "))[5:])
@@ -126,6 +130,10 @@ def test_repro_builds_every_stage_and_a_second_repro_does_nothing(built):
         assert parent["name"].startswith("dvc-repro") and parent["flow_run"] == recorded["detail"][retrain_run]["id"]
         assert {"mmrad", "project:project", f"commit:{commit[:12]}"} <= set(run["tags"]), run
     assert {"mmrad-report", "mmrad-registered", "mmrad-promotion"} <= set(recorded["artifacts"])
+    # training's progress reached its flow run's log (the terminal's bar does not): about every tenth of the steps
+    steps = yaml.safe_load((root / "params.yaml").read_text())["train"]["steps"]
+    assert steps < 10 and [m.split(" (")[0] for m in recorded["train_progress"]] == [
+        f"step {k}/{steps}" for k in range(1, steps + 1)]  # (under 10 steps: a line per step)
     # MLflow: one tracked run, registered as version 1; the gate made it champion (there was none)
     result = json.loads(next(line for line in log.splitlines() if line.startswith("RESULT "))[7:])
     assert result["promoted"] and result["challenger"] == "1"
