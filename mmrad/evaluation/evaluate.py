@@ -81,10 +81,12 @@ class _Intervals:
         self.flat[".".join((*path[1:], name)) if path[0] == "localisation" else ".".join((*path, name))] = \
             np.asarray(replicates, dtype=np.float64) + shift
 
-    def pixel(self, path: tuple[str, ...], hist, positives: np.ndarray, exact: dict[str, float]) -> None:
-        reps = uncertainty.pixel_replicates(hist, positives, self.weights)
-        for name, values in reps.items():  # row 0: binned value on all cases; shift to the exact one
+    def pixel(self, path: tuple[str, ...], hist, positives: np.ndarray, exact: dict[str, float]) -> list[np.ndarray]:
+        """Put the pixel metrics' intervals; return the resamples' histograms (for the curves' bands)."""
+        rows = uncertainty.resampled_histograms(hist, positives, self.weights)
+        for name, values in uncertainty.pixel_metrics(*rows).items():  # row 0: all cases; shift to the exact one
             self.put(path, name, values[1:], exact[name] - values[0])
+        return [r[1:] for r in rows]
 
 
 def evaluate_predictions(test: SplitData, predictions: Predictions, settings: Evaluation, seed: int,
@@ -102,17 +104,20 @@ def evaluate_predictions(test: SplitData, predictions: Predictions, settings: Ev
         whole = ranked.against(gt)
         loc = {"pixel_auroc": whole.auroc(), "aupro": whole.aupro()}
         result["localisation"][modality] = {k: round(v, 4) for k, v in loc.items()}
-        hist = uncertainty.PixelHistograms(maps, ~gt, settings.bins) if ci.weights is not None else None
-        if hist is not None:
-            ci.pixel(("localisation", modality), hist, gt, loc)
-        fpr, tpr = whole.roc_curve()  # sklearn's roc_curve(drop_intermediate=True) points
         # "curve": the legend label's metric part, metrics.json's value (write_outputs puts the method's title first)
         rounded = result["localisation"][modality]
-        curves[f"roc_{modality}"] = {**dict(zip(("fpr", "tpr"), _downsample(fpr, tpr))), "curve": f"AUC {rounded['pixel_auroc']:.3f}"}
+        roc = dict(zip(("fpr", "tpr"), _downsample(*whole.roc_curve())))  # sklearn's roc_curve points, thinned
         pro_fpr, pro = whole.pro_curve()
         keep = pro_fpr <= 0.3
-        curves[f"pro_{modality}"] = {**dict(zip(("fpr", "pro"), _downsample(pro_fpr[keep], pro[keep]))),
-                                     "curve": f"AU-PRO {rounded['aupro']:.3f}"}
+        pro = dict(zip(("fpr", "pro"), _downsample(pro_fpr[keep], pro[keep])))
+        hist = uncertainty.PixelHistograms(maps, ~gt, settings.bins) if ci.weights is not None else None
+        if hist is not None:
+            resampled = ci.pixel(("localisation", modality), hist, gt, loc)
+            bands = uncertainty.pixel_curve_bands(*resampled, roc["fpr"], pro["fpr"])
+            roc["low"], roc["high"] = bands["roc"]  # the pointwise 95 % band over the case resamples
+            pro["low"], pro["high"] = bands["pro"]
+        curves[f"roc_{modality}"] = {**roc, "curve": f"AUC {rounded['pixel_auroc']:.3f}"}
+        curves[f"pro_{modality}"] = {**pro, "curve": f"AU-PRO {rounded['aupro']:.3f}"}
         result["per_symptom"][modality] = _per_symptom(test.dataset, modality, ranked, bits, hist, ci)
     if len(np.unique(test.labels)) == 2:
         degenerate = []
@@ -127,7 +132,11 @@ def evaluate_predictions(test: SplitData, predictions: Predictions, settings: Ev
         result["degenerate"] = degenerate
         main = methods.main_score(predictions.scores)
         fpr, tpr = metrics.roc_curve_points(predictions.scores[main], test.labels)
-        curves["roc_detection"] = {"fpr": fpr, "tpr": tpr, "curve": f"AUC {result['detection'][main]:.3f} ({SCORE_WORDS.get(main, main)})"}
+        roc = {"fpr": fpr, "tpr": tpr}
+        if ci.weights is not None:
+            roc["low"], roc["high"] = uncertainty.detection_roc_band(predictions.scores[main], test.labels,
+                                                                     ci.weights, fpr)
+        curves["roc_detection"] = {**roc, "curve": f"AUC {result['detection'][main]:.3f} ({SCORE_WORDS.get(main, main)})"}
     if len(predictions.embeddings) == 2 and len(test.case_ids) >= 2:
         fundus, oct_ = predictions.embeddings[FUNDUS], predictions.embeddings[OCT]
         n = len(test.case_ids)

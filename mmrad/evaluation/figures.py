@@ -4,8 +4,8 @@
 (dvc.yaml's top-level ``plots``); these static figures are for places without
 Vega: the MLflow UI's artifact view, a report, an e-mail. One figure per
 curve (pixel ROC and PRO per modality, detection ROC), every method that
-wrote it in one colour each, the legend naming the method and its area; and
-the training loss per step.
+wrote it in one colour each, the legend naming the method and its area, its
+pointwise 95 % band (case bootstrap) shaded; and the training loss per step.
 """
 
 from __future__ import annotations
@@ -34,16 +34,17 @@ LOSS_PARTS = {"loss": "total", "fundus": "fundus map", "oct": "OCT map", "score"
 COLOURS = ("#1b6ca8", "#d9822b", "#2a9d4b", "#8e44ad", "#c0392b")  # one per method, in the registry's order
 
 
-def read_curve(path: Path) -> tuple[list[float], list[float], str | None]:
-    """(x, y, legend label or None) of one curve CSV: its first two numeric columns, ``curve`` if present."""
+def read_curve(path: Path) -> dict:
+    """One curve CSV: ``x``, ``y`` (its first two columns), ``band`` ((low, high) or None: the pointwise 95 %
+    interval) and ``label`` (the ``curve`` column, or None)."""
     with path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     if not rows:
-        return [], [], None
-    numeric = [k for k in rows[0] if k != "curve"]
-    x = [float(r[numeric[0]]) for r in rows]
-    y = [float(r[numeric[1]]) for r in rows]
-    return x, y, rows[0].get("curve")
+        return {"x": [], "y": [], "band": None, "label": None}
+    numeric = [k for k in rows[0] if k not in ("curve", "low", "high")]
+    band = ([float(r["low"]) for r in rows], [float(r["high"]) for r in rows]) if "low" in rows[0] else None
+    return {"x": [float(r[numeric[0]]) for r in rows], "y": [float(r[numeric[1]]) for r in rows], "band": band,
+            "label": rows[0].get("curve")}
 
 
 def _new(title: str, xlabel: str, ylabel: str) -> tuple[Figure, plt.Axes]:
@@ -68,9 +69,11 @@ def curve_figures(reports: str | Path) -> dict[str, Figure]:
         if diagonal:
             ax.plot([0, 1], [0, 1], color="#999999", linestyle=":", linewidth=1, label="chance")
         for name, path in found:
-            x, y, label = read_curve(path)
+            curve = read_curve(path)
             colour = COLOURS[list(METHODS).index(name) % len(COLOURS)]
-            ax.plot(x, y, color=colour, linewidth=2, label=label or METHODS[name].title)
+            if curve["band"] is not None:  # the pointwise 95 % interval over case resamples, under the curve
+                ax.fill_between(curve["x"], *curve["band"], color=colour, alpha=0.15, linewidth=0, step="post")
+            ax.plot(curve["x"], curve["y"], color=colour, linewidth=2, label=curve["label"] or METHODS[name].title)
         ax.set_xlim(0, 1 if diagonal else 0.3)  # the PRO curves stop at FPR 0.3 (the AU-PRO's range)
         ax.set_ylim(0, 1.02)
         ax.legend(loc="lower right", fontsize=10)

@@ -249,9 +249,10 @@ def binned_aupro(neg: np.ndarray, region: np.ndarray, n_regions: np.ndarray, lim
     return out
 
 
-def pixel_replicates(hist: PixelHistograms, masks: np.ndarray, weights: np.ndarray,
-                     normal: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Pixel AUROC and AU-PRO under each resample, plus the binned value on all cases (row 0 of ``"full"``).
+def resampled_histograms(hist: PixelHistograms, masks: np.ndarray, weights: np.ndarray,
+                         normal: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """(anomaly-free counts, positive counts, region weight, regions), each summed over the cases of every
+    resample: row 0 all cases once, then one row per row of ``weights``.
 
     ``normal``: anomaly-free counts to use (default: the histograms' own); a
     per-symptom evaluation passes the same anomaly-free pixels, its own positives.
@@ -259,8 +260,72 @@ def pixel_replicates(hist: PixelHistograms, masks: np.ndarray, weights: np.ndarr
     neg_rows = hist.neg if normal is None else normal
     pos_rows, region_rows, regions = hist.positives(masks)
     w = np.vstack([np.ones((1, weights.shape[1])), weights]).astype(np.float64)
-    neg, pos, region, n_regions = w @ neg_rows, w @ pos_rows, w @ region_rows, w @ regions
+    return w @ neg_rows, w @ pos_rows, w @ region_rows, w @ regions
+
+
+def pixel_replicates(hist: PixelHistograms, masks: np.ndarray, weights: np.ndarray,
+                     normal: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Pixel AUROC and AU-PRO under each resample, plus the binned value on all cases (row 0)."""
+    return pixel_metrics(*resampled_histograms(hist, masks, weights, normal))
+
+
+def pixel_metrics(neg: np.ndarray, pos: np.ndarray, region: np.ndarray, n_regions: np.ndarray
+                  ) -> dict[str, np.ndarray]:
+    """Pixel AUROC and AU-PRO of each row of ``resampled_histograms``."""
     with np.errstate(invalid="ignore", divide="ignore"):
         auroc = binned_auroc(neg, pos)
         aupro = binned_aupro(neg, region, np.where(n_regions > 0, n_regions, np.nan))
     return {"pixel_auroc": auroc, "aupro": aupro}
+
+
+# --------------------------------------------------------------------------- bands on curves
+
+def step_values(x: np.ndarray, y: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """A curve's value at each ``grid`` point: the highest y reached at x <= the point (ROC / PRO curves rise
+    with x, so this is the best rate at that false-positive rate); 0 before the first point."""
+    index = np.searchsorted(x, grid, side="right") - 1
+    return np.where(index >= 0, y[np.clip(index, 0, None)], 0.0)
+
+
+def pointwise_band(xs: np.ndarray, ys: np.ndarray, grid: np.ndarray, level: float = LEVEL
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) at each ``grid`` point: percentiles of the replicate curves (rows of ``xs``, ``ys``, x
+    ascending) there. Pointwise, not simultaneous: each point's band covers that point's value."""
+    values = np.stack([step_values(x, y, grid) for x, y in zip(xs, ys)])
+    tail = 100 * (1 - level) / 2
+    with np.errstate(invalid="ignore"):
+        low, high = np.nanpercentile(values, [tail, 100 - tail], axis=0)
+    return low, high
+
+
+def _from_the_top(rows: np.ndarray, totals: np.ndarray) -> np.ndarray:
+    """Shares at or above each threshold, from the highest bin down, with (0) first: (B, bins + 1)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shares = np.cumsum(rows[:, ::-1], axis=1) / totals[:, None]
+    return np.concatenate([np.zeros((rows.shape[0], 1)), shares], axis=1)
+
+
+def pixel_curve_bands(neg: np.ndarray, pos: np.ndarray, region: np.ndarray, n_regions: np.ndarray,
+                      roc_grid: np.ndarray, pro_grid: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Pointwise 95 % bands of the pixel ROC (TPR at ``roc_grid``) and PRO curve (at ``pro_grid``) from the
+    resamples' histograms (``resampled_histograms`` without its row 0). A bin is a tie, so a band's FPR is
+    exact to about one bin (1 / ``bins`` of the anomaly-free pixels)."""
+    fpr = _from_the_top(neg, neg.sum(axis=1))
+    tpr = _from_the_top(pos, pos.sum(axis=1))
+    pro = np.minimum(_from_the_top(region, np.where(n_regions > 0, n_regions, np.nan)), 1.0)
+    return {"roc": pointwise_band(fpr, tpr, roc_grid), "pro": pointwise_band(fpr, pro, pro_grid)}
+
+
+def detection_roc_band(scores, labels, weights: np.ndarray, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pointwise 95 % band of the case-level ROC curve (TPR at each ``grid`` FPR) over the case resamples."""
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    order = np.argsort(-s, kind="stable")
+    last_of_tie = np.append(np.flatnonzero(np.diff(s[order])), s.size - 1)  # a threshold per distinct score
+    w = weights[:, order].astype(np.float64)
+
+    def rate(members: np.ndarray) -> np.ndarray:  # share of the class scoring at or above each threshold, 0 first
+        drawn = w * members
+        shares = np.cumsum(drawn, axis=1)[:, last_of_tie] / drawn.sum(axis=1, keepdims=True)
+        return np.concatenate([np.zeros((w.shape[0], 1)), shares], axis=1)
+
+    return pointwise_band(rate(~y[order]), rate(y[order]), grid)

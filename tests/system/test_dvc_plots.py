@@ -192,3 +192,16 @@ def test_committed_curve_csvs_are_the_ones_drawn():
     assert {p for p in written if not p.startswith("reports/transfer/")} <= drawn
     assert drawn - written <= {p for p in drawn if p.endswith("loss.tsv")}
 
+
+
+def test_curves_carry_their_pointwise_95_percent_band(rendered):
+    _, specs = rendered
+    for plot_id, (_, _, _, template) in EXPECTED.items():
+        if template not in ("curves", "transfer"):
+            continue
+        spec = specs[plot_id]
+        (area,) = [layer for layer in spec["layer"] if layer["mark"]["type"] == "area"]
+        assert area["encoding"]["y"]["field"] == "low" and area["encoding"]["y2"]["field"] == "high"
+        assert area["encoding"]["color"]["field"] == "curve" and area["mark"]["opacity"] < 0.5
+        rows = spec["data"]["values"]
+        assert rows and all(float(r["low"]) <= float(r["high"]) for r in rows), plot_id  # the CSVs' band columns

@@ -52,10 +52,12 @@ def test_mmrad_evaluation_writes_metrics_curves_and_overlays(trained, prepared_m
               "roc_detection": f"MMRAD · AUC {saved['detection']['fusion']:.3f} (fusion token)"}
     for name, label in labels.items():  # the legend of `dvc plots`: the method and its area, on every row
         lines = (tmp_path / "mmrad" / "plots" / f"{name}.csv").read_text(encoding="utf-8").splitlines()
-        assert lines[0] in ("fpr,tpr,curve", "fpr,pro,curve") and len(lines) > 2
+        assert lines[0] in ("fpr,tpr,low,high,curve", "fpr,pro,low,high,curve") and len(lines) > 2
         assert {line.rsplit(",", 1)[1] for line in lines[1:]} == {label}
-    pro = np.loadtxt(tmp_path / "mmrad" / "plots" / "pro_oct.csv", delimiter=",", skiprows=1, usecols=(0, 1))
+    pro = np.loadtxt(tmp_path / "mmrad" / "plots" / "pro_oct.csv", delimiter=",", skiprows=1, usecols=(0, 1, 2, 3))
     assert pro[:, 0].max() <= 0.3 and np.all(np.diff(pro[:, 0]) >= 0)
+    # the pointwise 95 % band over the case resamples: ordered, rising with the FPR, around the curve
+    assert np.all(pro[:, 2] <= pro[:, 3]) and np.all(np.diff(pro[:, 2]) >= -1e-9) and (pro[:, 3] - pro[:, 2]).max() > 0
     overlays = sorted((tmp_path / "mmrad" / "overlays").glob("*.png"))
     assert overlays and Image.open(overlays[0]).size[0] > 400
     # the fusion score of a model trained a few steps varies across cases (a constant score would be a bug)
@@ -134,8 +136,8 @@ def test_curve_files_carry_the_legend_label(tmp_path):
                 "roc_detection": f"PatchCore · AUC {result['detection']['max']:.3f} (max of fundus and OCT)"}
     for name, label in expected.items():
         header, *rows = (plots / f"{name}.csv").read_text(encoding="utf-8").splitlines()
-        assert header == ("fpr,pro,curve" if name.startswith("pro") else "fpr,tpr,curve")
-        assert rows and all(row.split(",")[2] == label for row in rows)
+        assert header == ("fpr,pro,low,high,curve" if name.startswith("pro") else "fpr,tpr,low,high,curve")
+        assert rows and all(row.rsplit(",", 1)[1] == label for row in rows)
     x, y = np.loadtxt(plots / "roc_oct.csv", delimiter=",", skiprows=1, usecols=(0, 1), unpack=True)
     fpr, tpr = (np.asarray(curves["roc_oct"][k], dtype=float) for k in ("fpr", "tpr"))
     np.testing.assert_allclose(x, fpr, rtol=1e-5)
@@ -153,7 +155,7 @@ def test_baseline_goes_through_the_same_evaluation(prepared_mmr, tmp_path):
     assert result["method"] == "padim"
     assert set(result["detection"]) == {"fundus_only", "oct_only", "max", "mean"}
     roc = (tmp_path / "padim" / "plots" / "roc_fundus.csv").read_text(encoding="utf-8").splitlines()
-    assert roc[0] == "fpr,tpr,curve"
+    assert roc[0] == "fpr,tpr,low,high,curve"
     assert roc[1].endswith(f",PaDiM · AUC {result['localisation']['fundus']['pixel_auroc']:.3f}")
     detection = (tmp_path / "padim" / "plots" / "roc_detection.csv").read_text(encoding="utf-8").splitlines()
     assert detection[1].endswith(f",PaDiM · AUC {result['detection']['max']:.3f} (max of fundus and OCT)")  # the paper's rule

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import matplotlib
 import matplotlib.pyplot as plt
+import pytest
 
 from mmrad.evaluation.figures import curve_figures, loss_figure
 
@@ -13,8 +15,9 @@ def _curve(path, header, rows):
 
 
 def test_each_curve_is_one_figure_with_every_method_in_its_own_colour(tmp_path):
-    _curve(tmp_path / "mmrad" / "plots" / "roc_fundus.csv", ["fpr", "tpr", "curve"],
-           [(0, 0, "MMRAD · AUC 0.930"), (0.5, 0.9, "MMRAD · AUC 0.930"), (1, 1, "MMRAD · AUC 0.930")])
+    _curve(tmp_path / "mmrad" / "plots" / "roc_fundus.csv", ["fpr", "tpr", "low", "high", "curve"],
+           [(0, 0, 0, 0, "MMRAD · AUC 0.930"), (0.5, 0.9, 0.8, 0.95, "MMRAD · AUC 0.930"),
+            (1, 1, 1, 1, "MMRAD · AUC 0.930")])
     _curve(tmp_path / "padim" / "plots" / "roc_fundus.csv", ["fpr", "tpr"], [(0, 0), (1, 1)])  # an older file
     _curve(tmp_path / "padim" / "plots" / "pro_oct.csv", ["fpr", "pro"], [(0, 0), (0.3, 0.7)])
     figures = curve_figures(tmp_path)
@@ -24,6 +27,8 @@ def test_each_curve_is_one_figure_with_every_method_in_its_own_colour(tmp_path):
     lines = {line.get_label(): line for line in ax.get_lines()}
     assert lines["MMRAD · AUC 0.930"].get_color() != lines["PaDiM"].get_color()
     assert list(lines["MMRAD · AUC 0.930"].get_ydata()) == [0, 0.9, 1]
+    (band,) = ax.collections  # the band of the curve that has one (the older PaDiM file has none)
+    assert band.get_facecolor()[0][:3] == pytest.approx(matplotlib.colors.to_rgb(lines["MMRAD · AUC 0.930"].get_color()))
     assert ax.get_xlabel() == "false-positive rate (pixels)" and ax.get_ylabel() == "true-positive rate (pixels)"
     pro = figures["pro_oct.png"].axes[0]
     assert pro.get_xlim() == (0, 0.3) and pro.get_ylabel() == "per-region overlap" and "chance" not in [

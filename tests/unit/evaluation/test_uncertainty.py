@@ -123,3 +123,45 @@ def test_paired_bootstrap_p_and_wilson():
     assert low == 0.0 and high == pytest.approx(3.8415 / 13.8415, abs=1e-4)
     low, high = uncertainty.wilson(5, 10)
     assert (low, high) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+
+
+def test_a_band_of_identical_resamples_is_the_curve_itself():
+    rng = np.random.default_rng(8)
+    y = np.r_[np.ones(15, bool), np.zeros(20, bool)]
+    scores = np.round(rng.normal(y * 1.0, 1.0), 1)  # ties
+    fpr, tpr = metrics.roc_curve_points(scores, y)
+    grid = np.linspace(0, 1, 41)
+    low, high = uncertainty.detection_roc_band(scores, y, np.ones((5, y.size), np.int64), grid)
+    expected = [tpr[fpr <= x].max() for x in grid]  # the highest TPR reached at that FPR (sklearn's points)
+    assert np.allclose(low, expected) and np.allclose(high, expected)
+
+
+def test_detection_and_pixel_bands_hold_the_curve_and_narrow_with_more_cases():
+    rng = np.random.default_rng(9)
+    widths = []
+    for n in (20, 200):
+        y = np.r_[np.ones(n, bool), np.zeros(n, bool)]
+        scores = rng.normal(y * 1.0, 1.0)
+        fpr, tpr = metrics.roc_curve_points(scores, y)
+        low, high = uncertainty.detection_roc_band(scores, y, uncertainty.case_weights(y, 400, seed=1), fpr)
+        at = np.array([tpr[fpr <= x].max() for x in fpr])
+        assert np.all(low <= high) and np.all(np.diff(low) >= 0) and np.all(np.diff(high) >= 0)
+        assert np.mean((low <= at + 1e-12) & (at <= high + 1e-12)) > 0.95
+        widths.append(float(np.mean(high - low)))
+    assert widths[1] < 0.5 * widths[0]  # about 1 / sqrt(10) as wide
+
+    masks = np.zeros((16, 24, 24), bool)
+    masks[:8, 6:14, 6:14] = True
+    maps = rng.normal(0, 1, masks.shape) + 1.2 * masks
+    hist = uncertainty.PixelHistograms(maps, ~masks, bins=256)
+    rows = uncertainty.resampled_histograms(hist, masks, uncertainty.case_weights(masks.any(axis=(1, 2)), 300, 2))
+    ranked = metrics.RankedPixels(maps).against(masks)
+    roc_x, roc_y = ranked.roc_curve()
+    pro_x, pro_y = ranked.pro_curve()
+    grid = np.linspace(0, 0.3, 31)
+    bands = uncertainty.pixel_curve_bands(*[r[1:] for r in rows], np.linspace(0, 1, 51), grid)
+    for (low, high), x, y, points in ((bands["roc"], roc_x, roc_y, np.linspace(0, 1, 51)),
+                                      (bands["pro"], pro_x, pro_y, grid)):
+        exact = uncertainty.step_values(x, y, points)
+        assert np.all(low <= high) and low.min() >= 0 and high.max() <= 1
+        assert np.mean((low - 0.03 <= exact) & (exact <= high + 0.03)) > 0.9  # within a bin of the band
