@@ -249,24 +249,15 @@ def binned_aupro(neg: np.ndarray, region: np.ndarray, n_regions: np.ndarray, lim
     return out
 
 
-def resampled_histograms(hist: PixelHistograms, masks: np.ndarray, weights: np.ndarray,
-                         normal: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+def resampled_histograms(hist: PixelHistograms, masks: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, ...]:
     """(anomaly-free counts, positive counts, region weight, regions), each summed over the cases of every
     resample: row 0 all cases once, then one row per row of ``weights``.
 
-    ``normal``: anomaly-free counts to use (default: the histograms' own); a
-    per-symptom evaluation passes the same anomaly-free pixels, its own positives.
+    A per-symptom evaluation passes its own positives; the anomaly-free pixels are the histograms' own.
     """
-    neg_rows = hist.neg if normal is None else normal
     pos_rows, region_rows, regions = hist.positives(masks)
     w = np.vstack([np.ones((1, weights.shape[1])), weights]).astype(np.float64)
-    return w @ neg_rows, w @ pos_rows, w @ region_rows, w @ regions
-
-
-def pixel_replicates(hist: PixelHistograms, masks: np.ndarray, weights: np.ndarray,
-                     normal: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Pixel AUROC and AU-PRO under each resample, plus the binned value on all cases (row 0)."""
-    return pixel_metrics(*resampled_histograms(hist, masks, weights, normal))
+    return w @ hist.neg, w @ pos_rows, w @ region_rows, w @ regions
 
 
 def pixel_metrics(neg: np.ndarray, pos: np.ndarray, region: np.ndarray, n_regions: np.ndarray

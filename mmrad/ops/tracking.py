@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 CHALLENGER, CHAMPION = "challenger", "champion"
 EMBEDDED_DB = "mlflow.db"
 EMBEDDED_ARTIFACTS = "mlartifacts"
+UNTRACKED = "untracked"  # the data tag of a dataset that dvc.lock does not list
 
 
 # --------------------------------------------------------------------------- where
@@ -172,7 +173,7 @@ def lineage_tags(params, project: str | Path, weights_identity: dict | None) -> 
     }
     for name, source in params.datasets.items():
         prepared = f"data/prepared/{name}"
-        tags[f"mmrad.data.{name}"] = hashes.get(prepared, "untracked")
+        tags[f"mmrad.data.{name}"] = hashes.get(prepared, UNTRACKED)
         tags[f"mmrad.data.{name}.root"] = source.root
     weights_identity = weights_identity or {}
     tags["mmrad.weights.sam"] = str(weights_identity.get("sam", "unknown"))
@@ -242,25 +243,27 @@ def version_description(metrics: dict[str, float], tags: dict[str, str], run_id:
         low, high = metrics.get(f"{key}.ci_low"), metrics.get(f"{key}.ci_high")
         return f"{metrics[key]:.4f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else "")
 
+    dataset = tags.get("mmrad.train_dataset", "?")
     return (f"Detection AUROC (fusion) {figure('detection.fusion')}; pixel AUROC fundus "
             f"{figure('fundus.pixel_auroc')}, OCT {figure('oct.pixel_auroc')} (95 % intervals: case bootstrap). "
-            f"Trained on {tags.get('mmrad.train_dataset', '?')} (DVC {tags.get('mmrad.data.mmr', '?')[:12]}), "
+            f"Trained on {dataset} (DVC {tags.get(f'mmrad.data.{dataset}', '?')[:12]}), "
             f"commit {tags.get('mmrad.git_commit', '?')[:12]}, weights: {tags.get('mmrad.weights.sam', '?')}. "
             f"MLflow run {run_id}.")
 
 
-def log_datasets(params, hashes: dict[str, str], project: Path) -> None:
-    """Each prepared dataset as an MLflow dataset input: its folder, its DVC hash as the digest."""
+def log_datasets(params, tags: dict[str, str], project: Path) -> None:
+    """Each prepared dataset as an MLflow dataset input: its folder, its DVC hash (``lineage_tags``) as the
+    digest; a dataset dvc.lock does not track is left out."""
     for name, source in params.datasets.items():
-        prepared = f"data/prepared/{name}"
-        if prepared not in hashes:
+        prepared, md5 = f"data/prepared/{name}", tags.get(f"mmrad.data.{name}", UNTRACKED)
+        if md5 == UNTRACKED:
             continue
         with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local folder is a local folder
             warnings.simplefilter("ignore", UserWarning)
             where = resolve_dataset_source(str((project / prepared).resolve()))
         role = "training" if name == params.train.dataset else "transfer testing"
-        mlflow.log_input(MetaDataset(where, name=f"{name} (prepared)", digest=hashes[prepared][:36]), context=role,
-                         tags={"dvc.md5": hashes[prepared], "raw_root": source.root})
+        mlflow.log_input(MetaDataset(where, name=f"{name} (prepared)", digest=md5[:36]), context=role,
+                         tags={"dvc.md5": md5, "raw_root": source.root})
 
 
 def evidence_folders(reports: Path) -> dict[str, Path]:
@@ -320,7 +323,7 @@ def log_and_register(params, project: str | Path = ".", model_dir: str | Path = 
         for start in range(0, len(per_step), 1000):  # the store takes at most 1000 metrics per batch
             client.log_batch(run.info.run_id, metrics=per_step[start:start + 1000])
         mlflow.log_metrics(metrics)
-        log_datasets(params, hashes=dvc_out_hashes(project / "dvc.lock"), project=project)
+        log_datasets(params, tags, project)
         for name, folder in evidence_folders(reports).items():  # per-case scores + replicates: the gate's paired tests
             for file in (SCORES, REPLICATES):
                 if (folder / file).is_file():

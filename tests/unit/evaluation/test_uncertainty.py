@@ -105,7 +105,7 @@ def test_binned_pixel_metrics_equal_the_exact_ones_within_the_bin_width():
     maps = rng.normal(0, 1, masks.shape).astype(np.float32) + 1.5 * masks
     hist = uncertainty.PixelHistograms(maps, ~masks, bins=512)
     w = uncertainty.case_weights(masks.any(axis=(1, 2)), 3, seed=0)
-    reps = uncertainty.pixel_replicates(hist, masks, w)
+    reps = uncertainty.pixel_metrics(*uncertainty.resampled_histograms(hist, masks, w))
     assert reps["pixel_auroc"][0] == pytest.approx(metrics.pixel_auroc(maps, masks), abs=2e-3)
     assert reps["aupro"][0] == pytest.approx(metrics.aupro(maps, masks), abs=5e-3)
     # a resample is the same as evaluating the resampled stack
