@@ -21,7 +21,8 @@ def tiny_params_dict(**overrides) -> dict:
     raw["synthetic"].update(
         workers=1,
         mmr=dict(train_normal=3, test_normal=2, test_anomalous=4, fundus_size=[160, 166],
-                 oct_size=[128, 224], one_modality_fraction=0.25),
+                 oct_size=[128, 224], one_modality_fraction=0.25,
+                 lesions=dict(fundus=dict(contrast=1.0, size=1.0), oct=dict(contrast=1.0, size=1.0))),
         idrid=dict(seg_train=2, seg_test=2, grading_train=4, grading_test=3, healthy_fraction=0.75,
                    size=[128, 192]),
         resc=dict(train_good=3, val_good=1, val_ungood=1, test_good=2, test_ungood=2, size=[128, 128]),

@@ -24,7 +24,7 @@ from mmrad.core.params import Params
 from mmrad.core.processes import process_pool
 from mmrad.data import symptoms
 from mmrad.data.datasets import idrid, mmr, resc
-from mmrad.synthetic.phantom.eye import Eye
+from mmrad.synthetic.phantom.eye import Eye, Rendered
 from mmrad.synthetic.phantom.fundus import render_fundus
 from mmrad.synthetic.phantom.oct import render_oct
 
@@ -107,6 +107,24 @@ def _by_class(table: dict[int, symptoms.Symptom], ids: list[int], lesions: dict[
     return {i: lesions[table[i].kind] for i in ids}
 
 
+def _render_mmr(render, eye: Eye, size, kinds: list[str], style: str, difficulty) -> Rendered:
+    """One MMR image at the benchmark's lesion difficulty (``synthetic.mmr.lesions.<modality>``).
+
+    ``size`` scales each lesion's target area inside the renderer; ``contrast``
+    scales the lesions' change of the image: healthy + contrast x (lesioned -
+    healthy), computed from the same eye rendered without lesions (the healthy
+    draws do not depend on the lesions, so only the lesions' pixels move). Both
+    1.0 render the phantom as it is. The masks stay the lesions' own.
+    """
+    rendered = render(eye, size, kinds, style=style, area_scale=difficulty.size)
+    if not kinds or difficulty.contrast == 1.0:
+        return rendered
+    healthy = render(eye, size, (), style=style).image.astype(np.float32)
+    change = rendered.image.astype(np.float32) - healthy
+    image = np.clip(np.rint(healthy + np.float32(difficulty.contrast) * change), 0, 255).astype(np.uint8)
+    return Rendered(image=image, lesions=rendered.lesions, anatomy=rendered.anatomy)
+
+
 def render_job(job: Job, root: Path, params: Params) -> None:
     """Render one job and write it under ``root`` with the dataset's own writer."""
     eye = Eye.sample(job.seed)
@@ -117,8 +135,10 @@ def render_job(job: Job, root: Path, params: Params) -> None:
         oct_ids = _draw(rng, MMR_OCT_FREQUENCY) if job.label else []
         if job.label and rng.random() < s.mmr.one_modality_fraction:
             (fundus_ids if rng.random() < 0.5 else oct_ids).clear()  # visible in one modality only
-        fundus = render_fundus(eye, s.mmr.fundus_size, _kinds(symptoms.MMR_FUNDUS, fundus_ids), style="visucam")
-        oct_ = render_oct(eye, s.mmr.oct_size, _kinds(symptoms.MMR_OCT, oct_ids), style="spectralis")
+        fundus = _render_mmr(render_fundus, eye, s.mmr.fundus_size, _kinds(symptoms.MMR_FUNDUS, fundus_ids),
+                             "visucam", s.mmr.lesions.fundus)
+        oct_ = _render_mmr(render_oct, eye, s.mmr.oct_size, _kinds(symptoms.MMR_OCT, oct_ids),
+                           "spectralis", s.mmr.lesions.oct)
         mmr.write_case(root / FOLDERS["mmr"], job.split, job.label, job.name,
                        {symptoms.FUNDUS: fundus.image, symptoms.OCT: oct_.image},
                        {symptoms.FUNDUS: _by_class(symptoms.MMR_FUNDUS, fundus_ids, fundus.lesions),

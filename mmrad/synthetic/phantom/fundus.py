@@ -1214,7 +1214,8 @@ _JITTER = {"retinal_whitening": (0.75, 1.3)}
 assert set(_LESIONS) == set(symptoms.FUNDUS_KINDS), "lesion painters out of step with mmrad.data.symptoms"
 
 
-def _apply_lesions(scene: _Scene, eye: Eye, kinds: list[str], stage: str, masks: dict[str, np.ndarray]) -> None:
+def _apply_lesions(scene: _Scene, eye: Eye, kinds: list[str], stage: str, masks: dict[str, np.ndarray],
+                   area_scale: float = 1.0) -> None:
     """Paint every requested kind of one stage; each kind draws from its own sub-stream."""
     seeds = eye.rng("lesions-fundus").integers(0, 2**63, len(symptoms.FUNDUS_KINDS))
     for kind in kinds:
@@ -1222,7 +1223,7 @@ def _apply_lesions(scene: _Scene, eye: Eye, kinds: list[str], stage: str, masks:
         if kind_stage != stage:
             continue
         rng = np.random.default_rng(seeds[symptoms.FUNDUS_KINDS.index(kind)])
-        area = _target_area(kind, scene.geo, rng, _JITTER.get(kind, (0.6, 1.7)))
+        area = _target_area(kind, scene.geo, rng, _JITTER.get(kind, (0.6, 1.7))) * area_scale
         mask = painter(scene, rng, area)
         if not mask.any():  # never return an empty mask: mark the lesion's nominal site
             mask[int(round(scene.geo.fovea[1])) % scene.geo.h, int(round(scene.geo.fovea[0])) % scene.geo.w] = True
@@ -1234,13 +1235,16 @@ def _apply_lesions(scene: _Scene, eye: Eye, kinds: list[str], stage: str, masks:
 # ----------------------------------------------------------------------------
 
 
-def render_fundus(eye: Eye, size: tuple[int, int], lesions: Sequence[str] = (), style: str = "visucam") -> Rendered:
+def render_fundus(eye: Eye, size: tuple[int, int], lesions: Sequence[str] = (), style: str = "visucam",
+                  area_scale: float = 1.0) -> Rendered:
     """Render a colour fundus photograph of `eye` at size=(H, W) with the given lesion kinds.
 
     style "visucam" (MMR, Zeiss VISUCAM: whole circular FOV) or "idrid" (Kowa:
     FOV cut at top and bottom, warmer colour balance). Returns a ``Rendered``
     with the RGB uint8 image, one bool mask per lesion kind and the "fov" and
-    "optic_disc" anatomy masks. Deterministic in (eye, size, lesions, style).
+    "optic_disc" anatomy masks. ``area_scale`` multiplies every lesion's target
+    area (the benchmark's lesion size, ``synthetic.mmr.lesions``). Deterministic
+    in (eye, size, lesions, style, area_scale).
     """
     h, w, kinds = check_request("fundus", size, lesions, style, STYLES, symptoms.FUNDUS_KINDS)
 
@@ -1248,11 +1252,11 @@ def render_fundus(eye: Eye, size: tuple[int, int], lesions: Sequence[str] = (), 
     geo = _geometry(eye, h, w, style, rng)
     scene = _healthy_scene(eye, geo, style, rng)
     masks: dict[str, np.ndarray] = {}
-    _apply_lesions(scene, eye, kinds, _BASE, masks)
+    _apply_lesions(scene, eye, kinds, _BASE, masks, area_scale)
     _draw_vessels(scene)
-    _apply_lesions(scene, eye, kinds, _VESSELS, masks)
+    _apply_lesions(scene, eye, kinds, _VESSELS, masks, area_scale)
     _composite(scene)
-    _apply_lesions(scene, eye, kinds, _TOP, masks)
+    _apply_lesions(scene, eye, kinds, _TOP, masks, area_scale)
     image = _finish(scene, eye, rng)
     return Rendered(image=image, lesions={k: masks[k] for k in kinds},
                     anatomy={"fov": scene.fov.copy(), "optic_disc": (scene.disc_alpha >= 0.5) & scene.fov})

@@ -766,8 +766,12 @@ assert set(_LESIONS) == set(OCT_KINDS)
 # --------------------------------------------------------------------------- public API
 
 
-def render_oct(eye: Eye, size: tuple[int, int], lesions: Sequence[str] = (), style: str = "spectralis") -> Rendered:
+def render_oct(eye: Eye, size: tuple[int, int], lesions: Sequence[str] = (), style: str = "spectralis",
+               area_scale: float = 1.0) -> Rendered:
     """Render one OCT B-scan of ``eye`` at ``size`` = (H, W) with the requested lesion kinds.
+
+    ``area_scale`` multiplies every lesion's target area (the benchmark's lesion
+    size, ``synthetic.mmr.lesions``).
 
     Returns ``Rendered`` with a (H, W) uint8 image, one bool mask per lesion kind
     and the anatomy mask "retina" (ILM to Bruch's membrane).
@@ -788,7 +792,7 @@ def render_oct(eye: Eye, size: tuple[int, int], lesions: Sequence[str] = (), sty
     painters = []
     for kind in kinds:
         lrng = np.random.default_rng(int(seeds[OCT_KINDS.index(kind)]))
-        painters.append((kind, _LESIONS[kind](scene, lrng, _area_px(kind, H, W, lrng))))
+        painters.append((kind, _LESIONS[kind](scene, lrng, _area_px(kind, H, W, lrng) * area_scale)))
 
     g = _render_layers(scene)
     _add_choroid(g, scene, cmap)
