@@ -43,6 +43,16 @@ class _Strict(BaseModel):
         return value
 
 
+class LesionDifficulty(_Strict):
+    contrast: float = Field(gt=0.0, le=4.0)  # x the lesions' change of the image (1: the phantom as it is)
+    size: float = Field(gt=0.0, le=8.0)      # x every lesion's target area
+
+
+class MMRLesions(_Strict):
+    fundus: LesionDifficulty
+    oct: LesionDifficulty
+
+
 class MMRSynthetic(_Strict):
     train_normal: Count
     test_normal: Count
@@ -50,6 +60,7 @@ class MMRSynthetic(_Strict):
     fundus_size: Size
     oct_size: Size
     one_modality_fraction: float = Field(ge=0.0, le=1.0)
+    lesions: MMRLesions
 
 
 class IDRiDSynthetic(_Strict):
@@ -99,6 +110,7 @@ class Model(_Strict):
     position_init: Literal["sincos", "zero"]
     cnn_norm: Literal["rms", "none"]
     fusion_norm: Literal["running", "none"]
+    fusion_input: Literal["token", "token_maps"]
 
 
 class WeightFile(_Strict):
@@ -235,7 +247,16 @@ class Params(_Strict):
                              f"({self.prepare.resolution}): the model reads the prepared cache")
         if self.train.dataset not in self.datasets:
             raise ValueError(f"train.dataset {self.train.dataset!r} is not configured under 'datasets'")
+        resnet50_only = [w.format for w in self.weights.resnets if w is not None and w.format in ("lvm-med", "vilref")]
+        if resnet50_only and self.model.cnn != "resnet50":
+            raise ValueError(f"weights.resnets: {resnet50_only[0]} files are ResNet-50s, so model.cnn must be "
+                             f"resnet50 (it is {self.model.cnn}, the CPU default)")
         return self
+
+    def is_synthetic(self, dataset: str) -> bool:
+        """Whether the data set is the generated one: its root (``datasets``) lies under a `synthetic` folder."""
+        source = self.datasets.get(dataset.lower())
+        return source is not None and "synthetic" in Path(source.root).parts
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -215,8 +215,7 @@ def research_note(params: Params, method: str, dataset: str) -> str:
     synthetic one (its root under a `synthetic` folder, params.yaml `datasets`) or the method's frozen networks
     are randomly initialised (no SAM / ResNet weights files: all of MMRAD's; a baseline's first ResNet); empty
     for real data with pretrained weights."""
-    source = params.datasets.get(dataset.lower())
-    reasons = ["synthetic data"] if source is not None and "synthetic" in Path(source.root).parts else []
+    reasons = ["synthetic data"] if params.is_synthetic(dataset) else []
     resnets = list(params.weights.resnets)
     if methods.get(method).trained:
         random = params.weights.sam is None or len(resnets) < params.model.cnn_count or None in resnets

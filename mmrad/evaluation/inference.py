@@ -64,14 +64,16 @@ def paired_and_single(model: MMRAD, images: dict[str, np.ndarray]) -> dict[str, 
     fresh = model.fusion_token.expand(batch[order[0]].shape[0], 1, -1)
     fusion = fresh
     result: dict[str, np.ndarray] = {}
+    maps: dict[str, torch.Tensor] = {}
     for i, m in enumerate(order):  # MMRAD.forward's loop: T_f carries over from the first to the second
         embedding = model.embed(batch[m])
         logits, fusion = model.decode(embedding, fusion)
+        maps[m] = logits
         alone = logits if i == 0 else model.decode(embedding, fresh)[0]  # forward(m only): the fresh T_f
         result[m] = torch.sigmoid(logits).float().cpu().numpy()
         result[f"{m}_pooled"] = embedding.mean(dim=(2, 3)).float().cpu().numpy()
         result[f"{m}_only"] = torch.sigmoid(alone.flatten(1).amax(dim=1)).float().cpu().numpy()
-    result["score"] = torch.sigmoid(model.fusion_head(model.fusion_norm(fusion[:, 0]))[:, 0]).float().cpu().numpy()
+    result["score"] = torch.sigmoid(model.fused_score(fusion, maps)).float().cpu().numpy()
     return result
 
 

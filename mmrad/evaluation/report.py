@@ -225,13 +225,20 @@ def conditions(params: Params, trained: dict) -> list[str]:
         "LPT CNNs: " + ("pretrained (Table 7: pretrained CNN)" if cnn_pretrained else
                         f"{m.cnn_count} x {m.cnn} without pre-training (Table 7's \"CNN without pre-training\" row)"),
         f"position embeddings: {'SAM checkpoint' if sam else m.position_init + ' (segment-anything leaves them zero)'}; "
-        f"CNN stages: {m.cnn_norm} scaling; fusion head input: {m.fusion_norm} normalisation",
+        f"CNN stages: {m.cnn_norm} scaling; fusion head input: "
+        + ("T_f and each map's max / top-1 % mean (not Eq. 5's T_f alone)" if m.fusion_input == "token_maps"
+           else "T_f (Eq. 5)") + f", {m.fusion_norm} normalisation",
         f"simulation: transforms {sim.transforms} (Table 4), pi {sim.probability} per "
         f"{'pair' if sim.pairing == 'pair' else 'image'}", f"token init: {m.token_init} (Table 14)"
         + (" — from a random decoder, so no pre-trained knowledge" if not sam and m.token_init == "pretrained" else ""),
         f"fusion order: {' then '.join(m.fusion_order)} (Table 12); loss {params.train.loss} (Table 10); "
         f"{params.train.steps} steps of {params.train.batch_size} pairs",
     ]
+    lesions = params.synthetic.mmr.lesions
+    if params.train.dataset == "mmr" and params.is_synthetic("mmr"):
+        lines.append("synthetic lesions (the benchmark's difficulty, chosen from the baselines' numbers): "
+                     + "; ".join(f"{k} contrast x{v.contrast:g}, size x{v.size:g}"
+                                 for k, v in (("fundus", lesions.fundus), ("OCT", lesions.oct))))
     labels = trained.get("labels")
     if labels and "normal_pairs" in labels:
         lines.append("training labels: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in labels.items()))

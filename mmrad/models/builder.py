@@ -46,7 +46,7 @@ def model_config(params: Params) -> ModelConfig:
     return ModelConfig(encoder=m.encoder, image_size=m.image_size, prompt_dim=m.prompt_dim, cnn=m.cnn,
                        cnn_count=m.cnn_count, fusion_order=tuple(m.fusion_order), token_init=m.token_init,
                        abs_pos=not (sam is not None and sam.format == "lvm-med"), position_init=m.position_init,
-                       cnn_norm=m.cnn_norm, fusion_norm=m.fusion_norm)
+                       cnn_norm=m.cnn_norm, fusion_norm=m.fusion_norm, fusion_input=m.fusion_input)
 
 
 def build_model(params: Params) -> tuple[MMRAD, dict]:

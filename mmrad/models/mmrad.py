@@ -18,7 +18,10 @@ Built from segment-anything's own modules:
   attend to that modality's embedding; ``T_m``'s output gives the anomaly map
   as in SAM (hypernetwork MLP . upscaled embedding, bilinear to input size).
   ``T_f`` visits the fundus first, then its output visits the OCT (Table 12:
-  fundus first is best), and ``S = sigmoid(MLP(T_f))``.
+  fundus first is best), and ``S = sigmoid(MLP(T_f))`` (Eq. 5; ``fusion_input:
+  token``). ``fusion_input: token_maps`` (an option, a documented
+  deviation, measured no better) also gives the head each map's maximum and
+  top-1 % mean logit, detached, so it reads the evidence the maps carry.
 * Single-modal input (Fig. 5): one pass; the score is the map's maximum.
 
 Prompt-free use: no sparse prompts, dense prompt = SAM's ``no_mask_embed``.
@@ -55,6 +58,18 @@ PROMPT_EMBED_DIM = 256  # SAM's decoder width
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 RESNETS = {"resnet50": (256, 512, 1024), "resnet18": (64, 128, 256)}  # layer1-3 channels
+FUSION_INPUTS = ("token", "token_maps")
+MAP_TOP_SHARE = 0.01  # the fusion head's "top" map statistic: the mean of this share of the highest logits
+
+
+def map_statistics(maps: list[torch.Tensor]) -> torch.Tensor:
+    """(B, 2 x len(maps)): each map's maximum and top-1 % mean logit, detached (the head reads, not trains, them)."""
+    stats = []
+    for logits in maps:
+        flat = logits.detach().float().flatten(1)
+        k = max(1, round(MAP_TOP_SHARE * flat.shape[1]))
+        stats += [flat.amax(dim=1), flat.topk(k, dim=1).values.mean(dim=1)]
+    return torch.stack(stats, dim=1)
 
 
 @dataclass(frozen=True)
@@ -73,7 +88,8 @@ class ModelConfig:
     position_init: str  # "sincos": fixed 2-D sin-cos absolute + small random relative embeddings; "zero": as
     #                     segment-anything leaves them (no positional information until SAM weights load)
     cnn_norm: str  # "rms": each LPT CNN stage divided by its RMS before the concatenation; "none": as Eq. 6
-    fusion_norm: str  # "running": T_f standardised with running statistics before the head; "none": as is
+    fusion_norm: str  # "running": the head's input standardised with running statistics; "none": as is
+    fusion_input: str  # "token": the head reads T_f (Eq. 5); "token_maps": T_f and each map's statistics
 
     def __post_init__(self):
         if self.encoder not in ENCODERS:
@@ -87,7 +103,7 @@ class ModelConfig:
         if self.token_init not in ("pretrained", "normal", "kaiming"):
             raise ValueError(f"unknown token_init {self.token_init!r}")
         for name, allowed in (("position_init", ("sincos", "zero")), ("cnn_norm", ("rms", "none")),
-                              ("fusion_norm", ("running", "none"))):
+                              ("fusion_norm", ("running", "none")), ("fusion_input", FUSION_INPUTS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; known: {list(allowed)}")
 
@@ -256,8 +272,9 @@ class MMRAD(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, PROMPT_EMBED_DIM))
         self.fusion_token = nn.Parameter(torch.zeros(1, PROMPT_EMBED_DIM))
         # T_f varies across cases by < 1 % of its norm: standardised, the head sees that variation at unit scale
-        self.fusion_norm = RunningStandardise(PROMPT_EMBED_DIM) if config.fusion_norm == "running" else nn.Identity()
-        self.fusion_head = MLP(PROMPT_EMBED_DIM, 256, 1, 3)
+        head_in = PROMPT_EMBED_DIM + (2 * len(config.fusion_order) if config.fusion_input == "token_maps" else 0)
+        self.fusion_norm = RunningStandardise(head_in) if config.fusion_norm == "running" else nn.Identity()
+        self.fusion_head = MLP(head_in, 256, 1, 3)
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
         self.cnns.to(memory_format=torch.channels_last)
@@ -286,9 +303,12 @@ class MMRAD(nn.Module):
             if self.config.token_init == "pretrained":
                 self.mask_token.copy_(self.mask_decoder.mask_tokens.weight[:1])
                 self.fusion_token.copy_(self.mask_decoder.iou_token.weight)
-                # The fusion head starts as SAM's IoU head, keeping its first output.
+                # The fusion head starts as SAM's IoU head, keeping its first output (the map statistics'
+                # extra inputs, with fusion_input token_maps, start at weight zero).
                 for mine, sams in zip(self.fusion_head.layers, self.mask_decoder.iou_prediction_head.layers):
-                    mine.weight.copy_(sams.weight[: mine.out_features])
+                    weight = sams.weight[: mine.out_features]
+                    mine.weight.zero_()
+                    mine.weight[:, : weight.shape[1]].copy_(weight)
                     mine.bias.copy_(sams.bias[: mine.out_features])
             elif self.config.token_init == "normal":
                 nn.init.normal_(self.mask_token, std=0.01)
@@ -348,6 +368,14 @@ class MMRAD(nn.Module):
         logits = F.interpolate(logits[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
         return logits, hs[:, :1]
 
+    def fused_score(self, fusion: torch.Tensor, maps: dict) -> torch.Tensor:
+        """The case score logit (B,) from T_f's output (B, 1, 256) and, with fusion_input token_maps,
+        the maps' statistics (``maps``: modality -> map logits)."""
+        x = fusion[:, 0]
+        if self.config.fusion_input == "token_maps":
+            x = torch.cat([x, map_statistics([maps[m] for m in self.config.fusion_order])], dim=1)
+        return self.fusion_head(self.fusion_norm(x))[:, 0]
+
     def forward(self, fundus: torch.Tensor | None = None, oct: torch.Tensor | None = None,
                 pooled: bool = False) -> dict:
         """Maps (logits, (B, S, S)) per given modality and the case score logit (B,).
@@ -370,7 +398,7 @@ class MMRAD(nn.Module):
             if pooled:
                 out[f"{modality}_pooled"] = embedding.mean(dim=(2, 3))
         if len(given) == 2:
-            out["score"] = self.fusion_head(self.fusion_norm(fusion[:, 0]))[:, 0]
+            out["score"] = self.fused_score(fusion, out)
         else:
             out["score"] = out[given[0]].flatten(1).amax(dim=1)
         return out

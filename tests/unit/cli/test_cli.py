@@ -51,6 +51,11 @@ def _write_params(tmp_path, raw):
         (lambda p: p["model"].update(image_size=128), "model.image_size (128) must equal prepare.resolution (64)"),
         (lambda p: p["train"].update(loss="l2"), "invalid parameter 'train.loss'"),
         (lambda p: p["weights"].update(sam={"path": "x.pth"}), "invalid parameter 'weights.sam.format'"),
+        (lambda p: p["weights"].update(resnets=[{"path": "r.torch", "format": "lvm-med"}]),
+         "weights.resnets: lvm-med files are ResNet-50s, so model.cnn must be resnet50 (it is resnet18"),
+        (lambda p: p["synthetic"]["mmr"]["lesions"]["fundus"].update(size=0),
+         "invalid parameter 'synthetic.mmr.lesions.fundus.size'"),
+        (lambda p: p["model"].update(fusion_input="maps"), "invalid parameter 'model.fusion_input'"),
     ],
 )
 def test_bad_params_give_one_line_naming_file_and_key(tmp_path, capsys, change, rule):

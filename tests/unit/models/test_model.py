@@ -9,7 +9,7 @@ import torch
 
 from mmrad.core.params import Params
 from mmrad.models.builder import model_config
-from mmrad.models.mmrad import MMRAD, ModelConfig, RunningStandardise, sincos_grid
+from mmrad.models.mmrad import MMRAD, ModelConfig, RunningStandardise, map_statistics, sincos_grid
 from tests.conftest import tiny_params_dict
 
 CONFIG = model_config(Params.model_validate(tiny_params_dict()))  # vit_tiny at 64 px, resnet18 trunks
@@ -155,3 +155,35 @@ def test_the_fusion_head_input_is_standardised_with_running_statistics():
     torch.manual_seed(0)
     model = MMRAD(CONFIG)
     assert {"fusion_norm.running_mean", "fusion_norm.running_var", "fusion_norm.weight"} <= set(model.trainable_state_dict())
+
+
+def test_map_statistics_are_each_maps_max_and_top_share_mean():
+    logits = torch.zeros(2, 10, 10)
+    logits[0, 0, :5] = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])  # top 1 % of 100 pixels: the single highest
+    logits[1] = -1.0
+    stats = map_statistics([logits, 2 * logits])
+    assert stats.shape == (2, 4)
+    assert torch.equal(stats[0], torch.tensor([5.0, 5.0, 10.0, 10.0]))
+    assert torch.equal(stats[1], torch.tensor([-1.0, -1.0, -2.0, -2.0]))
+    big = torch.arange(2 * 200.0).reshape(2, 20, 10)  # 200 pixels: the top 2
+    assert torch.equal(map_statistics([big])[:, 1], torch.tensor([198.5, 398.5]))
+    assert not map_statistics([big.requires_grad_()]).requires_grad  # the head reads the maps, never trains them
+
+
+def test_the_fusion_head_reads_the_maps_with_token_maps_and_only_the_token_with_token():
+    fundus, oct_ = _images(), _images(seed=2)
+    for fusion_input in ("token", "token_maps"):
+        torch.manual_seed(0)
+        m = MMRAD(replace(CONFIG, fusion_input=fusion_input)).eval()
+        assert m.fusion_head.layers[0].in_features == 256 + (4 if fusion_input == "token_maps" else 0)
+        with torch.no_grad():
+            out = m(fundus, oct_)
+            t_f = m.decode(m.embed(oct_), m.decode(m.embed(fundus), m.fusion_token.expand(2, 1, -1))[1])[1]
+            maps = {k: out[k] for k in ("fundus", "oct")}
+            shifted = {k: v + 3.0 for k, v in maps.items()}  # the same T_f, maps 3 logits higher
+            assert torch.allclose(out["score"], m.fused_score(t_f, maps), atol=1e-5)
+            # the map inputs start at weight zero: at initialisation the head scores as the paper's
+            assert torch.equal(m.fused_score(t_f, maps), m.fused_score(t_f, shifted))
+            m.fusion_head.layers[0].weight[:, 256:] = 0.1
+            moved = not torch.allclose(m.fused_score(t_f, maps), m.fused_score(t_f, shifted))
+        assert moved == (fusion_input == "token_maps")
