@@ -17,15 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
+from mmrad_cli import PROJECT, run
 
-PROJECT = Path(__file__).resolve().parents[1]
 METHODS = ("padim", "patchcore")
 
 
@@ -38,13 +37,6 @@ def _params(base: dict, setting: tuple[float, float, float, float], root: Path) 
     raw["synthetic"]["resc"].update(train_good=1, val_good=1, val_ungood=1, test_good=1, test_ungood=1)
     raw["datasets"]["mmr"]["root"] = str(root / "raw" / "MMR")
     return raw
-
-
-def _run(*args: str) -> None:
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "mmrad", "-q", *args], check=True, cwd=PROJECT,
-                   stderr=subprocess.DEVNULL if "evaluate" in args else None)  # no progress bars
-    print(f"<!-- {' '.join(args[2:4])}: {time.perf_counter() - start:.0f} s -->", flush=True)
 
 
 def _row(name: str, setting, metrics: dict) -> str:
@@ -80,11 +72,11 @@ def main() -> None:
             params = root / "params.yaml"
             params.write_text(yaml.safe_dump(_params(base, setting, root)))
             start = time.perf_counter()
-            _run("--params", str(params), "generate", "--out", str(root / "raw"))
-            _run("--params", str(params), "prepare", "mmr", "--out", str(root / "prepared"))
+            run("--params", str(params), "generate", "--out", str(root / "raw"))
+            run("--params", str(params), "prepare", "mmr", "--out", str(root / "prepared"))
             for method in METHODS:
-                _run("--params", str(params), "evaluate", method, "--prepared", str(root / "prepared"),
-                     "--out", str(root / method))
+                run("--params", str(params), "evaluate", method, "--prepared", str(root / "prepared"),
+                    "--out", str(root / method), quiet_stderr=True)  # no progress bars
                 print(_row(method, setting, json.loads((root / method / "metrics.json").read_text())), flush=True)
             print(f"<!-- setting {text}: {time.perf_counter() - start:.0f} s -->", flush=True)
 

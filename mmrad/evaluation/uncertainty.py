@@ -29,6 +29,10 @@ bootstrap), recomputes the metric, and reports the 2.5 / 97.5 % percentiles.
   in the fast midrank form (Sun & Xu 2014): AUCs, their covariance, z and the
   two-sided p-value.
 * ``wilson(hits, n)``: the Wilson score interval of a proportion (retrieval top-1).
+* ``over_seeds(scores_by_seed, labels, weights, seed)``: a method's mean
+  detection AUROC over its training seeds and replicates that resample both
+  the cases (the shared rows of ``weights``) and the seeds (with
+  replacement): an interval that covers the method's own randomness too.
 
 Costs, measured in docs/benchmarks.md: 1000 replicates of every metric of one
 evaluation take a few percent of the evaluate stage.
@@ -155,6 +159,24 @@ def delong(scores_a, scores_b, labels) -> DeLong:
         p = float(2 * norm.sf(abs(z)))
     half = norm.ppf(0.5 + LEVEL / 2) * se
     return DeLong(auc_a, auc_b, diff, se, z, p, (diff - half, diff + half))
+
+
+def over_seeds(scores_by_seed, labels, weights: np.ndarray, seed: int) -> tuple[float, np.ndarray]:
+    """(mean detection AUROC over the seeds, its (B,) replicates) for one method run with S seeds.
+
+    ``scores_by_seed`` is (S, N): each seed's case scores on the same N cases. Replicate b draws
+    the cases by ``weights[b]`` (the same draw for every seed, and for every method given the same
+    weights: methods' replicates stay paired) and S seeds with replacement (its own stream of ``seed``),
+    and averages those seeds' AUROCs under that draw. With one seed, or S identical runs, it is
+    ``detection_replicates``. Three seeds resample coarsely; the interval widens with the spread
+    between seeds, which a case bootstrap of one run cannot show.
+    """
+    runs = np.atleast_2d(np.asarray(scores_by_seed, dtype=np.float64))
+    per_seed = np.stack([detection_replicates(s, labels, weights) for s in runs])  # (S, B)
+    exact = np.ones((1, runs.shape[1]), dtype=np.int64)
+    point = float(np.mean([detection_replicates(s, labels, exact)[0] for s in runs]))
+    picks = np.random.default_rng([seed, 5113]).integers(0, runs.shape[0], size=(weights.shape[0], runs.shape[0]))
+    return point, per_seed[picks, np.arange(weights.shape[0])[:, None]].mean(axis=1)
 
 
 def paired_bootstrap_p(replicates_a, replicates_b, observed: float | None = None) -> float:

@@ -165,3 +165,28 @@ def test_detection_and_pixel_bands_hold_the_curve_and_narrow_with_more_cases():
         exact = uncertainty.step_values(x, y, points)
         assert np.all(low <= high) and low.min() >= 0 and high.max() <= 1
         assert np.mean((low - 0.03 <= exact) & (exact <= high + 0.03)) > 0.9  # within a bin of the band
+
+
+def test_over_seeds_is_the_mean_auroc_and_widens_with_the_spread_between_seeds():
+    rng = np.random.default_rng(5)
+    y = np.r_[np.ones(60, bool), np.zeros(60, bool)]
+    base = rng.normal(y * 0.5, 1.0)
+    weights = uncertainty.case_weights(y, 2000, seed=3)
+    one = uncertainty.detection_replicates(base, y, weights)
+    # one seed, or three identical runs: the plain case bootstrap
+    for runs in ([base], [base, base, base]):
+        point, reps = uncertainty.over_seeds(runs, y, weights, seed=1)
+        assert point == pytest.approx(roc_auc_score(y, base), abs=1e-12)
+        np.testing.assert_allclose(reps, one, atol=1e-12)
+    # three runs that disagree: the point is the mean of their AUROCs, the interval wider than any one's
+    runs = [base, base + rng.normal(0, 1.5, y.size), -base + rng.normal(0, 0.3, y.size)]
+    point, reps = uncertainty.over_seeds(runs, y, weights, seed=1)
+    assert point == pytest.approx(np.mean([roc_auc_score(y, r) for r in runs]), abs=1e-12)
+    widths = [np.subtract(*uncertainty.percentile_interval(uncertainty.detection_replicates(r, y, weights))[::-1])
+              for r in runs]
+    lo, hi = uncertainty.percentile_interval(reps)
+    assert hi - lo > 1.2 * max(widths)
+    assert lo < point < hi
+    # the same seed gives the same replicates; another resamples the seeds differently
+    np.testing.assert_array_equal(reps, uncertainty.over_seeds(runs, y, weights, seed=1)[1])
+    assert not np.array_equal(reps, uncertainty.over_seeds(runs, y, weights, seed=2)[1])
