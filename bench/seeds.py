@@ -32,10 +32,11 @@ import pandas as pd
 import yaml
 from mmrad_cli import PROJECT, run
 
+from mmrad.evaluation.methods import main_score
+from mmrad.evaluation.metrics import detection_auroc
 from mmrad.evaluation.uncertainty import case_weights, over_seeds, paired_bootstrap_p, percentile_interval
 
 METHODS = ("mmrad", "padim", "patchcore")
-DETECTION = {"mmrad": "fusion", "padim": "max", "patchcore": "max"}  # each method's case score in report.md
 REPLICATES = 1000
 
 
@@ -85,14 +86,15 @@ def main() -> None:
           f"(cases and seeds resampled); wall time {time.perf_counter() - start:.0f} s\n")
     print("| method | score | " + " | ".join(f"seed {s}" for s in seeds) + " | mean over seeds [95 % CI] |")
     print("|---|---|" + "---:|" * (len(seeds) + 1))
-    fused = {}
+    fused, detection = {}, {}
     for method in args.methods:
-        for key in dict.fromkeys([DETECTION[method], "fundus_only", "oct_only"]):
+        detection[method] = main_score(scores[method][0].columns.drop("label"))  # as report.md: fusion, else max
+        for key in dict.fromkeys([detection[method], "fundus_only", "oct_only"]):
             runs = np.stack([df[key].to_numpy() for df in scores[method]])
             point, reps = over_seeds(runs, labels, weights, base["seed"])
-            singles = [_exact(r, labels) for r in runs]
+            singles = [detection_auroc(r, labels) for r in runs]
             print(f"| {method} | {key} | " + " | ".join(f"{v:.3f}" for v in singles) + f" | {_cell(point, reps)} |")
-            if key == DETECTION[method]:
+            if key == detection[method]:
                 fused[method] = (point, reps)
     print("\n| method | modality | pixel AUROC per seed | mean | AU-PRO per seed | mean |")
     print("|---|---|---|---:|---|---:|")
@@ -107,12 +109,8 @@ def main() -> None:
         print("|---|---:|---:|")
         for method in (m for m in args.methods if m != "mmrad"):
             diff = fused["mmrad"][1] - fused[method][1]
-            print(f"| {method} {DETECTION[method]} | {_cell(fused['mmrad'][0] - fused[method][0], diff)} "
+            print(f"| {method} {detection[method]} | {_cell(fused['mmrad'][0] - fused[method][0], diff)} "
                   f"| {paired_bootstrap_p(fused['mmrad'][1], fused[method][1]):.3f} |")
-
-
-def _exact(scores: np.ndarray, labels: np.ndarray) -> float:
-    return over_seeds(scores, labels, np.ones((1, labels.size), dtype=np.int64), 0)[0]
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import norm
 
+from mmrad.evaluation import metrics
 from mmrad.evaluation.metrics import regions
 
 LEVEL = 0.95
@@ -173,8 +174,7 @@ def over_seeds(scores_by_seed, labels, weights: np.ndarray, seed: int) -> tuple[
     """
     runs = np.atleast_2d(np.asarray(scores_by_seed, dtype=np.float64))
     per_seed = np.stack([detection_replicates(s, labels, weights) for s in runs])  # (S, B)
-    exact = np.ones((1, runs.shape[1]), dtype=np.int64)
-    point = float(np.mean([detection_replicates(s, labels, exact)[0] for s in runs]))
+    point = float(np.mean([metrics.detection_auroc(s, labels) for s in runs]))
     picks = np.random.default_rng([seed, 5113]).integers(0, runs.shape[0], size=(weights.shape[0], runs.shape[0]))
     return point, per_seed[picks, np.arange(weights.shape[0])[:, None]].mean(axis=1)
 

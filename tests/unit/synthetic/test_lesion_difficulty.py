@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import yaml
 from conftest import tiny_params_dict
 
 from mmrad.core.errors import DataError
@@ -54,8 +55,6 @@ def test_size_scales_the_lesion_area(render, size, kinds, style):
 @pytest.mark.parametrize("value, rule", [(0.0, "greater than 0"), (5.0, "less than or equal to 4"),
                                          ("strong", "valid number")])
 def test_bad_difficulty_names_params_and_key(tmp_path, value, rule):
-    import yaml
-
     raw = tiny_params_dict()
     raw["synthetic"]["mmr"]["lesions"]["oct"]["contrast"] = value
     path = tmp_path / "params.yaml"
