@@ -9,6 +9,7 @@ their 95 % intervals. MMRAD is not run: the setting is chosen before MMRAD is
 compared (docs/decisions.md, "The benchmark's lesion difficulty").
 
     .venv/bin/python bench/difficulty.py --setting 1,1,1,1 --setting 0.5,1,1,2
+    .venv/bin/python bench/difficulty.py --setting 0.2,0.5,0.9,2.5 --seeds 20241123 1 2
     (each setting: fundus contrast, fundus size, OCT contrast, OCT size)
 """
 
@@ -54,6 +55,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", action="append", required=True,
                         help="fundus contrast, fundus size, OCT contrast, OCT size (e.g. 0.5,1,1,2)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="the baselines' seeds (their random trunks, PaDiM's channel draw, PatchCore's projection); "
+                             "the data is rendered with params.yaml's seed either way (default: params.yaml's)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still removes the temporary folder
     base = yaml.safe_load((PROJECT / "params.yaml").read_text())
@@ -74,10 +78,15 @@ def main() -> None:
             start = time.perf_counter()
             run("--params", str(params), "generate", "--out", str(root / "raw"))
             run("--params", str(params), "prepare", "mmr", "--out", str(root / "prepared"))
-            for method in METHODS:
-                run("--params", str(params), "evaluate", method, "--prepared", str(root / "prepared"),
-                    "--out", str(root / method), quiet_stderr=True)  # no progress bars
-                print(_row(method, setting, json.loads((root / method / "metrics.json").read_text())), flush=True)
+            for seed in args.seeds or [base["seed"]]:
+                seeded = root / f"params-{seed}.yaml"
+                seeded.write_text(yaml.safe_dump({**_params(base, setting, root), "seed": seed}))
+                for method in METHODS:
+                    out = root / f"{method}-{seed}"
+                    run("--params", str(seeded), "evaluate", method, "--prepared", str(root / "prepared"),
+                        "--out", str(out), quiet_stderr=True)  # no progress bars
+                    name = method if args.seeds is None else f"{method} (seed {seed})"
+                    print(_row(name, setting, json.loads((out / "metrics.json").read_text())), flush=True)
             print(f"<!-- setting {text}: {time.perf_counter() - start:.0f} s -->", flush=True)
 
 
