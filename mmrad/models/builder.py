@@ -46,7 +46,9 @@ def model_config(params: Params) -> ModelConfig:
     return ModelConfig(encoder=m.encoder, image_size=m.image_size, prompt_dim=m.prompt_dim, cnn=m.cnn,
                        cnn_count=m.cnn_count, fusion_order=tuple(m.fusion_order), token_init=m.token_init,
                        abs_pos=not (sam is not None and sam.format == "lvm-med"), position_init=m.position_init,
-                       cnn_norm=m.cnn_norm, fusion_norm=m.fusion_norm, fusion_input=m.fusion_input)
+                       cnn_norm=m.cnn_norm, fusion_norm=m.fusion_norm, fusion_input=m.fusion_input, tuning=m.tuning,
+                       prompt_sharing=m.prompt_sharing, vpt_tokens=m.vpt_tokens, fourier_mask=m.fourier_mask,
+                       decoder_sharing=m.decoder_sharing, mask_token_sharing=m.mask_token_sharing)
 
 
 def build_model(params: Params) -> tuple[MMRAD, dict]:
