@@ -171,3 +171,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def claim_folder(final: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
+    """An output folder that grows over several runs (``mmrad ablate``'s grid): checked as any output, then
+    created with the marker (or kept, when it has it), never replaced as a whole; its parts are written with
+    ``atomic_dir`` / ``atomic_file``."""
+    check_output_folder(final, inputs)
+    final = Path(final)
+    final.mkdir(parents=True, exist_ok=True)
+    if not (final / MARKER).is_file():
+        atomic_write_text(final / MARKER, MARKER_TEXT)
+    return final

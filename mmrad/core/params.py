@@ -111,6 +111,12 @@ class Model(_Strict):
     cnn_norm: Literal["rms", "none"]
     fusion_norm: Literal["running", "none"]
     fusion_input: Literal["token", "token_maps"]
+    tuning: Literal["lpt", "evp", "vpt", "adaptformer", "decoder_only"]
+    prompt_sharing: Literal["ln_s", "ln_i", "all", "none"]
+    vpt_tokens: Count
+    fourier_mask: float = Field(gt=0.0, lt=1.0)
+    decoder_sharing: Literal["shared", "separate"]
+    mask_token_sharing: Literal["shared", "separate"]
 
 
 class WeightFile(_Strict):
@@ -143,7 +149,7 @@ class Simulation(_Strict):
     probability: Fraction
     pairing: Literal["pair", "independent"]
     pair_shares: PairShares
-    transforms: Literal["channel_shuffle", "rgb_shift", "rotate", "composition"]
+    transforms: Literal["color_jitter", "channel_shuffle", "rgb_shift", "rotate", "composition"]
     composition_n: tuple[Annotated[int, Field(ge=1, le=4)], Annotated[int, Field(ge=1, le=4)]]
     min_area: float = Field(gt=0.0, lt=1.0)
     max_area: float = Field(gt=0.0, lt=1.0)
@@ -182,7 +188,8 @@ class Train(_Strict):
     head_lr_scale: float = Field(gt=0)  # the fusion head's learning rate = lr * this
     betas: tuple[float, float]
     weight_decay: float = Field(ge=0)
-    loss: Literal["ce", "focal", "dice"]
+    loss: Literal["ce", "focal", "dice", "lovasz"]
+    modalities: list[Literal["fundus", "oct"]] = Field(min_length=1, max_length=2)  # of a paired dataset
     checkpoint_every: Count
     device: Literal["auto", "cpu", "cuda"]
     threads: Annotated[int, Field(ge=0)]
@@ -219,6 +226,12 @@ class Tracking(_Strict):
         return value
 
 
+class Ablation(_Strict):
+    profile: Literal["quick", "paper"]  # mmrad.ops.ablation.PROFILES: the CPU model, or the paper's vit_b @ 1024
+    quick_steps: Count  # train.steps of the quick profile
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)  # every variant runs with each
+
+
 class Params(_Strict):
     seed: Annotated[int, Field(ge=0)]
     synthetic: Synthetic
@@ -231,6 +244,7 @@ class Params(_Strict):
     baselines: Baselines
     evaluation: Evaluation
     tracking: Tracking
+    ablation: Ablation
 
     @field_validator("datasets")
     @classmethod

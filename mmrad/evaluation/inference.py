@@ -67,9 +67,9 @@ def paired_and_single(model: MMRAD, images: dict[str, np.ndarray]) -> dict[str, 
     maps: dict[str, torch.Tensor] = {}
     for i, m in enumerate(order):  # MMRAD.forward's loop: T_f carries over from the first to the second
         embedding = model.embed(batch[m])
-        logits, fusion = model.decode(embedding, fusion)
+        logits, fusion = model.decode(embedding, fusion, m)
         maps[m] = logits
-        alone = logits if i == 0 else model.decode(embedding, fresh)[0]  # forward(m only): the fresh T_f
+        alone = logits if i == 0 else model.decode(embedding, fresh, m)[0]  # forward(m only): the fresh T_f
         result[m] = torch.sigmoid(logits).float().cpu().numpy()
         result[f"{m}_pooled"] = embedding.mean(dim=(2, 3)).float().cpu().numpy()
         result[f"{m}_only"] = torch.sigmoid(alone.flatten(1).amax(dim=1)).float().cpu().numpy()

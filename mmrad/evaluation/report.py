@@ -233,6 +233,8 @@ def conditions(params: Params, trained: dict) -> list[str]:
         + (" — from a random decoder, so no pre-trained knowledge" if not sam and m.token_init == "pretrained" else ""),
         f"fusion order: {' then '.join(m.fusion_order)} (Table 12); loss {params.train.loss} (Table 10); "
         f"{params.train.steps} steps of {params.train.batch_size} pairs",
+        f"tuning: {m.tuning} (Table 8), prompt sharing {m.prompt_sharing} (Table 7); decoder {m.decoder_sharing}, "
+        f"mask token {m.mask_token_sharing} (Table 9); trained on {' + '.join(params.train.modalities)} (Table 6)",
     ]
     lesions = params.synthetic.mmr.lesions
     if params.train.dataset == "mmr" and params.is_synthetic("mmr"):

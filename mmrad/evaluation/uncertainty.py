@@ -32,7 +32,9 @@ bootstrap), recomputes the metric, and reports the 2.5 / 97.5 % percentiles.
 * ``over_seeds(scores_by_seed, labels, weights, seed)``: a method's mean
   detection AUROC over its training seeds and replicates that resample both
   the cases (the shared rows of ``weights``) and the seeds (with
-  replacement): an interval that covers the method's own randomness too.
+  replacement): an interval that covers the method's own randomness too;
+  ``seed_mean`` does the same for any metric from its per-seed replicates
+  (the ablation grid).
 
 Costs, measured in docs/benchmarks.md: 1000 replicates of every metric of one
 evaluation take a few percent of the evaluate stage.
@@ -174,9 +176,18 @@ def over_seeds(scores_by_seed, labels, weights: np.ndarray, seed: int) -> tuple[
     """
     runs = np.atleast_2d(np.asarray(scores_by_seed, dtype=np.float64))
     per_seed = np.stack([detection_replicates(s, labels, weights) for s in runs])  # (S, B)
-    point = float(np.mean([metrics.detection_auroc(s, labels) for s in runs]))
-    picks = np.random.default_rng([seed, 5113]).integers(0, runs.shape[0], size=(weights.shape[0], runs.shape[0]))
-    return point, per_seed[picks, np.arange(weights.shape[0])[:, None]].mean(axis=1)
+    return seed_mean([metrics.detection_auroc(s, labels) for s in runs], per_seed, seed)
+
+
+def seed_mean(points, per_seed_replicates, seed: int) -> tuple[float, np.ndarray]:
+    """(mean of S seeds' values, its (B,) replicates) for any metric whose per-seed case-bootstrap replicates
+    (S, B) share the case resamples (the same ``case_weights`` rows): replicate b averages S seeds drawn with
+    replacement (the stream of ``seed``) at case resample b. The same ``seed`` draws the same seeds for every
+    metric and method, so two methods' replicates stay paired."""
+    reps = np.atleast_2d(np.asarray(per_seed_replicates, dtype=np.float64))
+    s, b = reps.shape
+    picks = np.random.default_rng([seed, 5113]).integers(0, s, size=(b, s))
+    return float(np.mean(points)), reps[picks, np.arange(b)[:, None]].mean(axis=1)
 
 
 def paired_bootstrap_p(replicates_a, replicates_b, observed: float | None = None) -> float:

@@ -46,7 +46,9 @@ def model_config(params: Params) -> ModelConfig:
     return ModelConfig(encoder=m.encoder, image_size=m.image_size, prompt_dim=m.prompt_dim, cnn=m.cnn,
                        cnn_count=m.cnn_count, fusion_order=tuple(m.fusion_order), token_init=m.token_init,
                        abs_pos=not (sam is not None and sam.format == "lvm-med"), position_init=m.position_init,
-                       cnn_norm=m.cnn_norm, fusion_norm=m.fusion_norm, fusion_input=m.fusion_input)
+                       cnn_norm=m.cnn_norm, fusion_norm=m.fusion_norm, fusion_input=m.fusion_input, tuning=m.tuning,
+                       prompt_sharing=m.prompt_sharing, vpt_tokens=m.vpt_tokens, fourier_mask=m.fourier_mask,
+                       decoder_sharing=m.decoder_sharing, mask_token_sharing=m.mask_token_sharing)
 
 
 def build_model(params: Params) -> tuple[MMRAD, dict]:
@@ -100,6 +102,12 @@ def save_finetuned(path: Path, model: MMRAD, identity: dict, params: Params, fin
                 path)
 
 
+# Architecture keys added after model files were first written (issue 15's ablation variants), with the values
+# that are the older files' architecture: a file without them is that model and loads as it always did.
+ADDED_KEYS = {"tuning": "lpt", "prompt_sharing": "ln_s", "vpt_tokens": 10, "fourier_mask": 0.25,
+              "decoder_sharing": "shared", "mask_token_sharing": "shared"}
+
+
 def _plain(value):
     """Tuples and lists alike (a stored config comes back from torch.load with either)."""
     return json.loads(json.dumps(value))
@@ -121,6 +129,8 @@ def load_finetuned(path: str | Path, params: Params) -> MMRAD:
         raise DataError(path, f"not an {MODEL_FORMAT} model file")
     expected = dataclasses.asdict(model_config(params))
     stored = state.get("config")
+    if isinstance(stored, dict):
+        stored = {**ADDED_KEYS, **stored}
     if not isinstance(stored, dict) or _plain(stored) != _plain(expected):
         stored = stored if isinstance(stored, dict) else {}
         differ = sorted(k for k in expected.keys() | stored.keys() if _plain(stored.get(k)) != _plain(expected.get(k)))

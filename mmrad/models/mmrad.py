@@ -40,6 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+from segment_anything.modeling.image_encoder import add_decomposed_rel_pos, window_partition, window_unpartition
 from segment_anything.modeling.mask_decoder import MLP
 from torch import nn
 
@@ -59,6 +60,13 @@ PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 RESNETS = {"resnet50": (256, 512, 1024), "resnet18": (64, 128, 256)}  # layer1-3 channels
 FUSION_INPUTS = ("token", "token_maps")
+# Table 8's tuning methods: LPT (the paper's), EVP (the same prompt generator on Fourier high-frequency components
+# instead of CNN features, Table 7's "Fourier transform" row too), VPT-deep, AdaptFormer, and the decoder alone.
+TUNINGS = ("lpt", "evp", "vpt", "adaptformer", "decoder_only")
+# Table 7's prompt-generator sharing: (per-block LN_1..LN_n shared by all blocks?, lifting LN_s shared?)
+PROMPT_SHARING = {"ln_s": (False, True), "ln_i": (True, False), "all": (True, True), "none": (False, False)}
+SHARING = ("shared", "separate")
+ADAPTER_SCALE = 0.1  # AdaptFormer's s: the parallel branch's output scale (its paper's default)
 MAP_TOP_SHARE = 0.01  # the fusion head's "top" map statistic: the mean of this share of the highest logits
 
 
@@ -90,6 +98,12 @@ class ModelConfig:
     cnn_norm: str  # "rms": each LPT CNN stage divided by its RMS before the concatenation; "none": as Eq. 6
     fusion_norm: str  # "running": the head's input standardised with running statistics; "none": as is
     fusion_input: str  # "token": the head reads T_f (Eq. 5); "token_maps": T_f and each map's statistics
+    tuning: str  # how the frozen encoder is tuned (Table 8): a key of TUNINGS
+    prompt_sharing: str  # which prompt-generator layers all blocks share (Table 7): a key of PROMPT_SHARING
+    vpt_tokens: int  # VPT-deep: learned prompt tokens per block
+    fourier_mask: float  # EVP: the share of the spectrum (a centred square) removed to keep the high frequencies
+    decoder_sharing: str  # "shared": one decoder for both modalities (the paper); "separate": one each (Table 9)
+    mask_token_sharing: str  # "shared": one mask token T_m (the paper); "separate": one per modality (Table 9)
 
     def __post_init__(self):
         if self.encoder not in ENCODERS:
@@ -103,9 +117,20 @@ class ModelConfig:
         if self.token_init not in ("pretrained", "normal", "kaiming"):
             raise ValueError(f"unknown token_init {self.token_init!r}")
         for name, allowed in (("position_init", ("sincos", "zero")), ("cnn_norm", ("rms", "none")),
-                              ("fusion_norm", ("running", "none")), ("fusion_input", FUSION_INPUTS)):
+                              ("fusion_norm", ("running", "none")), ("fusion_input", FUSION_INPUTS),
+                              ("tuning", TUNINGS), ("prompt_sharing", tuple(PROMPT_SHARING)),
+                              ("decoder_sharing", SHARING), ("mask_token_sharing", SHARING)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; known: {list(allowed)}")
+
+        if self.vpt_tokens < 1 or not 0 < self.fourier_mask < 1:
+            raise ValueError(f"vpt_tokens must be >= 1 and fourier_mask in (0, 1), got {self.vpt_tokens}, "
+                             f"{self.fourier_mask}")
+
+    @property
+    def prompted(self) -> bool:
+        """LPT or EVP: prompts from low-level features added before each block (Eq. 6-7)."""
+        return self.tuning in ("lpt", "evp")
 
     @property
     def width(self) -> int:
@@ -133,12 +158,16 @@ def build_sam_parts(config: ModelConfig) -> tuple[ImageEncoderViT, PromptEncoder
         embed_dim=PROMPT_EMBED_DIM, image_embedding_size=(config.grid, config.grid),
         input_image_size=(config.image_size, config.image_size), mask_in_chans=16,
     )
-    decoder = MaskDecoder(
+    return encoder, prompt_encoder, build_decoder()
+
+
+def build_decoder() -> MaskDecoder:
+    """SAM's mask decoder, as build_sam.py builds it."""
+    return MaskDecoder(
         num_multimask_outputs=3,
         transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_EMBED_DIM, mlp_dim=2048, num_heads=8),
         transformer_dim=PROMPT_EMBED_DIM, iou_head_depth=3, iou_head_hidden_dim=256,
     )
-    return encoder, prompt_encoder, decoder
 
 
 def sincos_grid(grid: int, dim: int) -> torch.Tensor:
@@ -235,31 +264,114 @@ class ResNetTrunk(nn.Module):
         return [f1, f2, r.layer3(f2)]
 
 
+def high_frequencies(x: torch.Tensor, mask: float) -> torch.Tensor:
+    """EVP's hand-crafted low-level feature: the image with the central ``mask`` share of its (shifted) 2-D
+    spectrum removed, back in image space (magnitude), per channel. (B, 3, S, S) -> (B, 3, S, S)."""
+    size = x.shape[-1]
+    half = int((size * size * mask) ** 0.5 // 2)
+    spectrum = torch.fft.fftshift(torch.fft.fft2(x.float(), norm="forward"), dim=(-2, -1))
+    keep = torch.ones(size, size, device=x.device)
+    keep[size // 2 - half: size // 2 + half, size // 2 - half: size // 2 + half] = 0
+    spectrum = torch.fft.ifftshift(spectrum * keep, dim=(-2, -1))
+    return torch.fft.ifft2(spectrum, norm="forward").real.abs()
+
+
 class LowLevelPrompts(nn.Module):
-    """LPT (Eq. 6-7): one prompt per encoder block from CNN features and patch embeddings."""
+    """LPT (Eq. 6-7): one prompt per encoder block from low-level features and patch embeddings.
+
+    ``tuning: lpt`` takes the features from the frozen CNNs' layer1-3 (Eq. 6's ``LN`` projects them);
+    ``tuning: evp`` from the image's high-frequency components through a trainable patch embedding (EVP's
+    hand-crafted feature; the rest of the generator is the same, as in EVP). ``prompt_sharing`` picks which
+    of ``LN_1..LN_n`` (per block) and ``LN_s`` (lifting to the encoder width) all blocks share (Table 7).
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         depth, width, h = ENCODERS[config.encoder]["depth"], config.width, config.h
         self.grid = config.grid
         self.rms_norm = config.cnn_norm == "rms"
-        self.cnn_proj = nn.Linear(config.cnn_count * sum(RESNETS[config.cnn]), h)  # Eq. 6's LN
+        self.fourier_mask = config.fourier_mask if config.tuning == "evp" else None
+        if self.fourier_mask is None:
+            self.cnn_proj = nn.Linear(config.cnn_count * sum(RESNETS[config.cnn]), h)  # Eq. 6's LN
+        else:
+            self.hfc_embed = nn.Conv2d(3, h, kernel_size=PATCH, stride=PATCH)  # EVP's patch embedding of the HFC
         self.patch_proj = nn.Linear(width, h)
-        self.per_block = nn.ModuleList(nn.Sequential(nn.Linear(h, h), nn.GELU()) for _ in range(depth))
-        self.lift = nn.Linear(h, width)  # LN_s, shared by all blocks
-        nn.init.zeros_(self.lift.weight)
-        nn.init.zeros_(self.lift.bias)
+        share_blocks, share_lift = PROMPT_SHARING[config.prompt_sharing]
+        self.per_block = nn.ModuleList(nn.Sequential(nn.Linear(h, h), nn.GELU())
+                                       for _ in range(1 if share_blocks else depth))
+        # LN_s: one Linear shared by all blocks (the paper's), or one per block
+        self.lift = nn.Linear(h, width) if share_lift else nn.ModuleList(nn.Linear(h, width) for _ in range(depth))
+        for lift in self.lift.modules():
+            if isinstance(lift, nn.Linear):  # zero: at step 0 the encoder computes its pretrained embedding
+                nn.init.zeros_(lift.weight)
+                nn.init.zeros_(lift.bias)
 
-    def base(self, cnn_features: list[torch.Tensor], patch_embeddings: torch.Tensor) -> torch.Tensor:
-        """F_c + F_p on the token grid, (B, g, g, h)."""
-        pooled = [F.adaptive_avg_pool2d(f, self.grid) for f in cnn_features]
+    def base(self, low_level: list[torch.Tensor] | torch.Tensor, patch_embeddings: torch.Tensor) -> torch.Tensor:
+        """F_c + F_p on the token grid, (B, g, g, h). ``low_level``: the CNNs' stage features (LPT) or the
+        normalised image (EVP)."""
+        if self.fourier_mask is not None:
+            f_c = self.hfc_embed(high_frequencies(low_level, self.fourier_mask)).permute(0, 2, 3, 1)
+            return f_c + self.patch_proj(patch_embeddings)
+        pooled = [F.adaptive_avg_pool2d(f, self.grid) for f in low_level]
         if self.rms_norm:  # a common scale per stage and image: a random layer3 (RMS ~17) would swamp layer1 (~0.5)
             pooled = [f / f.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-6) for f in pooled]
         f_c = self.cnn_proj(torch.cat(pooled, dim=1).permute(0, 2, 3, 1))
         return f_c + self.patch_proj(patch_embeddings)
 
     def prompt(self, base: torch.Tensor, block: int) -> torch.Tensor:
-        return self.lift(self.per_block[block](base))
+        per_block = self.per_block[block if len(self.per_block) > 1 else 0]
+        lift = self.lift[block] if isinstance(self.lift, nn.ModuleList) else self.lift
+        return lift(per_block(base))
+
+
+def prompted_attention(attn, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """segment-anything's ``Attention.forward`` with ``prompts`` (P, C) as extra keys and values (VPT-deep).
+
+    In VPT-deep a block's prompt tokens are dropped after it, so their only effect is as keys / values the
+    image tokens attend to; with SAM's windowed attention every window attends to the same prompts. Prompts
+    carry no position: the relative-position bias applies to the image tokens' keys only. With no prompts
+    this computes exactly ``attn(x)``.
+    """
+    b, height, width, _ = x.shape
+    heads, n = attn.num_heads, height * width
+    qkv = attn.qkv(x).reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4).reshape(3, b * heads, n, -1)
+    q, k, v = qkv.unbind(0)
+    extra = attn.qkv(prompts).reshape(len(prompts), 3, heads, q.shape[-1]).permute(1, 2, 0, 3)  # (3, heads, P, d)
+    pk, pv = (t.repeat(b, 1, 1) for t in extra[1:])  # (b * heads, P, d), in q's head order
+    logits = (q * attn.scale) @ torch.cat([k, pk], dim=1).transpose(-2, -1)
+    if attn.use_rel_pos:
+        image = add_decomposed_rel_pos(logits[..., :n].contiguous(), q, attn.rel_pos_h, attn.rel_pos_w,
+                                       (height, width), (height, width))
+        logits = torch.cat([image, logits[..., n:]], dim=-1)
+    out = logits.softmax(dim=-1) @ torch.cat([v, pv], dim=1)
+    out = out.view(b, heads, height, width, -1).permute(0, 2, 3, 1, 4).reshape(b, height, width, -1)
+    return attn.proj(out)
+
+
+def block_forward(block, x: torch.Tensor, prompts: torch.Tensor | None = None,
+                  adapter: nn.Module | None = None) -> torch.Tensor:
+    """segment-anything's ``Block.forward`` with VPT-deep ``prompts`` in its attention and an AdaptFormer
+    ``adapter`` parallel to its MLP (``x + mlp(norm2(x)) + s * adapter(norm2(x))``)."""
+    shortcut = x
+    x = block.norm1(x)
+    if block.window_size > 0:
+        height, width = x.shape[1], x.shape[2]
+        x, pad_hw = window_partition(x, block.window_size)
+    x = block.attn(x) if prompts is None else prompted_attention(block.attn, x, block.norm1(prompts))
+    if block.window_size > 0:
+        x = window_unpartition(x, block.window_size, pad_hw, (height, width))
+    x = shortcut + x
+    y = block.norm2(x)
+    out = x + block.mlp(y)
+    return out if adapter is None else out + ADAPTER_SCALE * adapter(y)
+
+
+def adapter(width: int, bottleneck: int) -> nn.Sequential:
+    """AdaptFormer's bottleneck (down, ReLU, up); ``up`` starts at zero, so at step 0 the block is unchanged."""
+    module = nn.Sequential(nn.Linear(width, bottleneck), nn.ReLU(), nn.Linear(bottleneck, width))
+    nn.init.zeros_(module[2].weight)
+    nn.init.zeros_(module[2].bias)
+    return module
 
 
 class MMRAD(nn.Module):
@@ -267,10 +379,22 @@ class MMRAD(nn.Module):
         super().__init__()
         self.config = config
         self.image_encoder, self.prompt_encoder, self.mask_decoder = build_sam_parts(config)
-        self.cnns = nn.ModuleList(ResNetTrunk(config.cnn) for _ in range(config.cnn_count))
-        self.lpt = LowLevelPrompts(config)
+        # LPT's CNNs; EVP, VPT, AdaptFormer and the decoder alone use none
+        self.cnns = nn.ModuleList(ResNetTrunk(config.cnn) for _ in range(config.cnn_count if config.tuning == "lpt" else 0))
+        self.lpt = LowLevelPrompts(config) if config.prompted else None
         self.mask_token = nn.Parameter(torch.zeros(1, PROMPT_EMBED_DIM))
         self.fusion_token = nn.Parameter(torch.zeros(1, PROMPT_EMBED_DIM))
+        depth, width = ENCODERS[config.encoder]["depth"], config.width
+        if config.tuning == "vpt":  # VPT-deep: P tokens per block, VPT's uniform (Xavier) initialisation
+            bound = (6.0 / (3 * PATCH * PATCH + width)) ** 0.5
+            self.vpt_prompts = nn.Parameter(torch.empty(depth, config.vpt_tokens, width).uniform_(-bound, bound))
+        if config.tuning == "adaptformer":  # bottleneck h: the prompt width LPT uses
+            self.adapters = nn.ModuleList(adapter(width, config.h) for _ in range(depth))
+        # Table 9: a second decoder / mask token for the OCT (copies of the first, made again by init_tokens)
+        if config.decoder_sharing == "separate":
+            self.oct_decoder = build_decoder()
+        if config.mask_token_sharing == "separate":
+            self.oct_mask_token = nn.Parameter(torch.zeros(1, PROMPT_EMBED_DIM))
         # T_f varies across cases by < 1 % of its norm: standardised, the head sees that variation at unit scale
         head_in = PROMPT_EMBED_DIM + (2 * len(config.fusion_order) if config.fusion_input == "token_maps" else 0)
         self.fusion_norm = RunningStandardise(head_in) if config.fusion_norm == "running" else nn.Identity()
@@ -289,9 +413,19 @@ class MMRAD(nn.Module):
         """Parts that never train: the SAM encoder, the prompt encoder, the CNNs, and the
         decoder parts MMRAD does not use (SAM's own tokens and IoU head only seed T_m, T_f
         and the fusion head; hypernetworks 1-3 serve SAM's extra mask outputs)."""
-        d = self.mask_decoder
-        unused = [d.mask_tokens, d.iou_token, d.iou_prediction_head, *d.output_hypernetworks_mlps[1:]]
+        unused = [part for d in self.decoders().values()
+                  for part in (d.mask_tokens, d.iou_token, d.iou_prediction_head, *d.output_hypernetworks_mlps[1:])]
         return [self.image_encoder, self.prompt_encoder, self.cnns, *unused]
+
+    def decoders(self) -> dict[str, MaskDecoder]:
+        """modality -> its decoder (one shared by both, the paper's, or one each: ``decoder_sharing``)."""
+        oct_decoder = self.oct_decoder if self.config.decoder_sharing == "separate" else self.mask_decoder
+        return {FUNDUS: self.mask_decoder, OCT: oct_decoder}
+
+    def mask_tokens(self) -> dict[str, nn.Parameter]:
+        """modality -> its mask token T_m (shared, the paper's, or one each: ``mask_token_sharing``)."""
+        oct_token = self.oct_mask_token if self.config.mask_token_sharing == "separate" else self.mask_token
+        return {FUNDUS: self.mask_token, OCT: oct_token}
 
     def init_tokens(self) -> None:
         """T_m, T_f and the fusion head from the decoder's (pretrained, once loaded) tokens.
@@ -300,6 +434,8 @@ class MMRAD(nn.Module):
         alternatives.
         """
         with torch.no_grad():
+            if self.config.decoder_sharing == "separate":  # the OCT's decoder starts as the (loaded) first one
+                self.oct_decoder.load_state_dict(self.mask_decoder.state_dict())
             if self.config.token_init == "pretrained":
                 self.mask_token.copy_(self.mask_decoder.mask_tokens.weight[:1])
                 self.fusion_token.copy_(self.mask_decoder.iou_token.weight)
@@ -316,6 +452,8 @@ class MMRAD(nn.Module):
             else:
                 nn.init.kaiming_normal_(self.mask_token)
                 nn.init.kaiming_normal_(self.fusion_token)
+            if self.config.mask_token_sharing == "separate":  # the OCT's T_m starts as the fundus one
+                self.oct_mask_token.copy_(self.mask_token)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the fine-tuned parameters and the statistics training accumulates (the fusion head input's
@@ -340,22 +478,42 @@ class MMRAD(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) in 0..255 -> prompted SAM image embedding (B, 256, g, g)."""
         x = (images - self.pixel_mean) / self.pixel_std
+        tuning = self.config.tuning
         with torch.no_grad():  # frozen, and the input needs no gradient: skip their graph
             # channels-last runs the frozen CNNs ~1.25x faster on the CPU (oneDNN), same on CUDA
             x_cl = x.contiguous(memory_format=torch.channels_last)
             cnn_features = [f for cnn in self.cnns for f in cnn(x_cl)]
             patches = self.image_encoder.patch_embed(x)
-        base = self.lpt.base(cnn_features, patches)
         tokens = patches if self.image_encoder.pos_embed is None else patches + self.image_encoder.pos_embed
-        for i, block in enumerate(self.image_encoder.blocks):
-            tokens = block(tokens + self.lpt.prompt(base, i))
+        if tuning == "decoder_only":  # nothing in the encoder trains: no graph at all
+            with torch.no_grad():
+                return self.image_encoder.neck(self._blocks(tokens).permute(0, 3, 1, 2))
+        if self.lpt is not None:  # LPT / EVP: a prompt added to the tokens before each block
+            base = self.lpt.base(cnn_features if tuning == "lpt" else x, patches)
+            for i, block in enumerate(self.image_encoder.blocks):
+                tokens = block(tokens + self.lpt.prompt(base, i))
+        else:
+            tokens = self._blocks(tokens)
         return self.image_encoder.neck(tokens.permute(0, 3, 1, 2))
 
-    def decode(self, embedding: torch.Tensor, fusion_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decoder pass with tokens [T_f, T_m]: (map logits at input size, T_f out)."""
-        decoder = self.mask_decoder
+    def _blocks(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The encoder's blocks, with VPT-deep's prompts or AdaptFormer's adapters where configured."""
+        for i, block in enumerate(self.image_encoder.blocks):
+            if self.config.tuning == "vpt":
+                tokens = block_forward(block, tokens, prompts=self.vpt_prompts[i])
+            elif self.config.tuning == "adaptformer":
+                tokens = block_forward(block, tokens, adapter=self.adapters[i])
+            else:
+                tokens = block(tokens)
+        return tokens
+
+    def decode(self, embedding: torch.Tensor, fusion_in: torch.Tensor,
+               modality: str = FUNDUS) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoder pass with tokens [T_f, T_m] (the modality's decoder and T_m): (map logits at input
+        size, T_f out)."""
+        decoder = self.decoders()[modality]
         b = embedding.shape[0]
-        tokens = torch.cat([fusion_in, self.mask_token.expand(b, 1, -1)], dim=1)
+        tokens = torch.cat([fusion_in, self.mask_tokens()[modality].expand(b, 1, -1)], dim=1)
         dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         src = embedding + dense
         pos = self.prompt_encoder.get_dense_pe().expand(b, -1, -1, -1)
@@ -394,7 +552,7 @@ class MMRAD(nn.Module):
         out: dict = {}
         for modality in given:  # fundus first by default: T_f carries over
             embedding = self.embed(inputs[modality])
-            out[modality], fusion = self.decode(embedding, fusion)
+            out[modality], fusion = self.decode(embedding, fusion, modality)
             if pooled:
                 out[f"{modality}_pooled"] = embedding.mean(dim=(2, 3))
         if len(given) == 2:

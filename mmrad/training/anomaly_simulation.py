@@ -64,7 +64,7 @@ from scipy.ndimage import median_filter
 from mmrad.core.params import Simulation
 from mmrad.data.symptoms import FUNDUS, MODALITIES, OCT
 
-TRANSFORM_SETS = ("channel_shuffle", "rgb_shift", "rotate", "composition")
+TRANSFORM_SETS = ("color_jitter", "channel_shuffle", "rgb_shift", "rotate", "composition")
 
 _CANVAS = 96  # side of the square canvas the region shape is drawn and twisted on
 _SEED_MAX = 2**31 - 1

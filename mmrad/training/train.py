@@ -115,10 +115,28 @@ def map_loss(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Ten
         return F.binary_cross_entropy_with_logits(logits, target)
     if kind == "focal":
         return sigmoid_focal_loss(logits, target, alpha=0.25, gamma=2.0, reduction="mean")
+    if kind == "lovasz":
+        return lovasz_hinge(logits, target)
     probs = torch.sigmoid(logits).flatten(1)  # dice, per image, smoothed so empty masks are fine
     target = target.flatten(1)
     dice = (2 * (probs * target).sum(1) + 1) / (probs.sum(1) + target.sum(1) + 1)
     return (1 - dice).mean()
+
+
+def lovasz_hinge(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Berman et al.'s Lovasz hinge (Table 10), per image, averaged: the Lovasz extension of the Jaccard loss
+    applied to the hinge errors ``1 - logit * (2 y - 1)`` (sorted, descending). Where the errors are 0 / 1 it
+    equals the Jaccard loss of the mispredicted pixels (tested); an image without a lesion is penalised for
+    its largest error only."""
+    per_image = []
+    for scores, labels in zip(logits.flatten(1), target.flatten(1)):
+        errors, order = torch.sort(1 - scores * (2 * labels - 1), descending=True)
+        labels = labels[order]
+        positives = labels.sum()
+        jaccard = 1 - (positives - labels.cumsum(0)) / (positives + (1 - labels).cumsum(0))
+        gradient = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+        per_image.append(torch.dot(F.relu(errors), gradient))
+    return torch.stack(per_image).mean()
 
 
 def losses(out: dict, batch: dict, kind: str) -> dict[str, torch.Tensor]:
@@ -171,6 +189,16 @@ def _count_labels(balance: dict, batch: dict, modalities: list[str]) -> None:
             balance[name] = balance.get(name, 0) + int(f.sum())
 
 
+def training_modalities(images: dict[str, np.ndarray], chosen: list[str], manifest: Path) -> dict[str, np.ndarray]:
+    """The modalities of ``train.modalities`` the dataset has (Table 6: one modality of a paired dataset trains
+    a single-modal model); a single-modal dataset keeps its one modality when it is among them."""
+    kept = {m: v for m, v in images.items() if m in chosen}
+    if not kept:
+        raise DataError(manifest, "train.modalities names no modality of this dataset",
+                        f"train.modalities {chosen}, the dataset has {list(images)}")
+    return kept
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise DataError("params.yaml", "train.device is 'cuda' but no CUDA device is available")
@@ -221,6 +249,7 @@ def train(params: Params, prepared: str | Path, out: str | Path, checkpoint_dir:
     check_output_folder(out, [prepared, checkpoint_dir])  # before the work, not after it
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     images, case_ids = load_training_images(prepared)
+    images = training_modalities(images, t.modalities, Path(prepared) / "manifest.parquet")
     check_batch_size(params, len(case_ids), Path(prepared) / "manifest.parquet")
     model, identity = build_model(params)
     model.to(device).train()

@@ -56,6 +56,12 @@ def _write_params(tmp_path, raw):
         (lambda p: p["synthetic"]["mmr"]["lesions"]["fundus"].update(size=0),
          "invalid parameter 'synthetic.mmr.lesions.fundus.size'"),
         (lambda p: p["model"].update(fusion_input="maps"), "invalid parameter 'model.fusion_input'"),
+        (lambda p: p["model"].update(tuning="lora"), "invalid parameter 'model.tuning'"),
+        (lambda p: p["model"].update(prompt_sharing="some"), "invalid parameter 'model.prompt_sharing'"),
+        (lambda p: p["model"].update(fourier_mask=1.0), "invalid parameter 'model.fourier_mask'"),
+        (lambda p: p["model"].update(decoder_sharing="twice"), "invalid parameter 'model.decoder_sharing'"),
+        (lambda p: p["train"].update(modalities=[]), "invalid parameter 'train.modalities'"),
+        (lambda p: p["train"].update(modalities=["retina"]), "invalid parameter 'train.modalities.0'"),
     ],
 )
 def test_bad_params_give_one_line_naming_file_and_key(tmp_path, capsys, change, rule):

@@ -48,3 +48,16 @@ def test_a_file_without_a_config_is_refused(trained_tiny, tmp_path):
     torch.save(state, tmp_path / "old.pt")
     with pytest.raises(DataError, match="another architecture"):
         load_finetuned(tmp_path / "old.pt", params)
+
+
+def test_a_file_from_before_the_ablation_variants_loads_as_the_model_it_is(trained_tiny, tmp_path):
+    """Model files written before issue 15 lack its architecture keys: they are LPT with shared decoder and mask
+    token, and load under params that say so; under another variant they are refused by name."""
+    params, folder = trained_tiny
+    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    for key in ("tuning", "prompt_sharing", "vpt_tokens", "fourier_mask", "decoder_sharing", "mask_token_sharing"):
+        del state["config"][key]
+    torch.save(state, tmp_path / "old.pt")
+    assert load_finetuned(tmp_path / "old.pt", params).config == model_config(params)
+    with pytest.raises(DataError, match="tuning: file 'lpt', params 'vpt'"):
+        load_finetuned(tmp_path / "old.pt", _params(tuning="vpt"))

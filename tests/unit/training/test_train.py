@@ -14,7 +14,7 @@ from mmrad.core.errors import DataError
 from mmrad.core.params import Params
 from mmrad.data.splits import load_training_images
 from mmrad.models.builder import build_model, load_finetuned
-from mmrad.training.train import batch_indices, make_batch, map_loss, train
+from mmrad.training.train import batch_indices, lovasz_hinge, make_batch, map_loss, train
 from tests.conftest import tiny_params_dict
 
 
@@ -43,7 +43,7 @@ def test_make_batch_is_a_pure_function_of_seed_and_step(prepared_mmr):
     assert torch.equal(a["label"], expected)
 
 
-@pytest.mark.parametrize("kind", ["ce", "focal", "dice"])
+@pytest.mark.parametrize("kind", ["ce", "focal", "dice", "lovasz"])
 def test_map_losses_reward_the_right_answer(kind):
     target = torch.zeros(2, 8, 8)
     target[:, 2:5, 2:5] = 1
@@ -145,3 +145,33 @@ def test_single_modal_training_uses_the_localisation_loss_only(prepared_resc, tm
     assert metrics["final_loss"] < 0.8 * metrics["first_loss"], metrics
     header = (tmp_path / "m" / "loss.tsv").read_text().splitlines()[0]
     assert header == "step\tloss\toct"
+
+
+def test_lovasz_hinge_equals_the_jaccard_loss_where_the_errors_are_zero_or_one():
+    """The Lovasz extension agrees with the set function on indicator vectors (Berman et al. 2018): logits
+    +-1 (hinge error 0) on correct pixels and 0 (error 1) on a chosen set M give Jaccard's 1 - IoU with M's
+    positives missed and M's negatives predicted."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        target = torch.from_numpy(rng.random((1, 6, 6)) < 0.3).float()
+        target[0, 0, 0] = 1  # at least one positive
+        wrong = torch.from_numpy(rng.random((1, 6, 6)) < 0.25)
+        logits = torch.where(wrong, 0.0, 2 * target - 1)
+        missed = float((wrong & (target > 0)).sum())
+        false_alarms = float((wrong & (target == 0)).sum())
+        positives = float(target.sum())
+        jaccard = 1 - (positives - missed) / (positives + false_alarms)
+        assert float(lovasz_hinge(logits, target)) == pytest.approx(jaccard, abs=1e-6)
+
+
+def test_train_modalities_trains_one_modality_of_a_pair(prepared_mmr, prepared_resc, tmp_path):
+    """Table 6: ``train.modalities: [fundus]`` on the paired MMR trains a fundus-only model (no fusion loss);
+    a modality the dataset lacks is refused, naming the manifest and the rule, and nothing is written."""
+    params = _params(steps=2, batch_size=2, checkpoint_every=2, modalities=["fundus"])
+    metrics = train(params, prepared_mmr, tmp_path / "m", tmp_path / "ckpt", progress=False)
+    assert metrics["modalities"] == ["fundus"]
+    assert (tmp_path / "m" / "loss.tsv").read_text().splitlines()[0] == "step\tloss\tfundus"
+    with pytest.raises(DataError, match=r"manifest.parquet: train.modalities names no modality of this dataset "
+                                        r"\(train.modalities \['fundus'\], the dataset has \['oct'\]\)"):
+        train(params, prepared_resc, tmp_path / "n", tmp_path / "ck2", progress=False)
+    assert not (tmp_path / "n").exists()
