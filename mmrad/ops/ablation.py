@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,12 +251,14 @@ def run_one(params: Params, variant: str, seed: int, prepared: Path, out: Path) 
         metrics = train(p, prepared, model_dir, checkpoints, resume=resume, progress=False)
         metrics["fingerprint"] = fingerprint
         atomic_write_text(model_dir / RUN_METRICS, json.dumps(metrics, indent=2) + "\n")
+    trained_at = time.perf_counter()
     test, predictions = score_mmrad(p, prepared, model_dir / MODEL_FILE)
     # The evaluation's case resamples come from params.yaml's seed for every run: paired across variants and seeds
     result, _, replicates = evaluate_predictions(test, predictions, p.evaluation, params.seed)
     record = {"variant": variant, "seed": seed, "fingerprint": fingerprint, "steps": p.train.steps,
               "profile": params.ablation.profile, "changes": VARIANTS[variant].changes,
               "seconds": round(time.perf_counter() - started, 1),
+              "evaluation_seconds": round(time.perf_counter() - trained_at, 1),
               "metrics": {"localisation": result["localisation"], "detection": result["detection"],
                           "ci95": result.get("ci95", {})}}
     with atomic_dir(run_dir, [prepared]) as tmp:
@@ -263,6 +266,7 @@ def run_one(params: Params, variant: str, seed: int, prepared: Path, out: Path) 
             kept = {k: v for k, v in replicates.items() if k in TABLE_METRICS}
             write_replicates(tmp / REPLICATES, kept, test.case_ids, params.seed)
         (tmp / RUN_METRICS).write_text(json.dumps(record, indent=2) + "\n")
+    shutil.rmtree(checkpoints, ignore_errors=True)  # train's own folder, done with (the model stays)
     return {**record, "skipped": False}
 
 

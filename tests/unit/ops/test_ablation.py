@@ -89,6 +89,8 @@ def test_a_tiny_grid_runs_tracks_resumes_and_renders(params, prepared_mmr, tmp_p
         ("default", 1, True), ("default", 2, True), ("oct_first", 1, False), ("oct_first", 2, False)]
     again = ablation.run_grid(params, ["12"], prepared_mmr, out, tracker=tracker)
     assert all(r["skipped"] for r in again)  # a finished grid does nothing
+    assert not list((out / "checkpoints").glob("*/seed-*"))  # finished runs' checkpoints removed, models kept
+    assert len(list((out / "models").glob("*/seed-*/model.pt"))) == 4
 
     # each run in MLflow once, in its own experiment, never a registered model
     experiment = store.get_experiment_by_name(f"{params.tracking.experiment}-ablations")
