@@ -186,10 +186,7 @@ def _cmd_ablate(args) -> None:
         ran = [r for r in records if not r["skipped"]]
         log.info("ablate: %d runs (%d done before) in %.0f s", len(records), len(records) - len(ran),
                  time.perf_counter() - started)
-        wall = sum(r["seconds"] for r in records)
-    else:
-        wall = None
-    ablation.write_report(params, tables, args.out, args.report, wall_seconds=wall)
+    ablation.write_report(params, tables, args.out, args.report)
     log.info("ablate: report -> %s", args.report)
 
 

@@ -124,45 +124,47 @@ class Table:
 
 
 PROPOSED = "default"
+# The paper's proposed MMRAD (Table 2's row), the reference row of every table
+PAPER_PROPOSED = (0.6997, 0.4303, 0.8295, 0.5339, 0.7664)
 TABLES = {
     "4": Table("Table 4: the anomaly transform of the training-time simulation", (
         Row("Colour jitter", "color_jitter", (None,) * 5),  # in the text, not in the paper's table
         Row("Channel shuffle", "channel_shuffle", (0.6736, 0.3688, 0.6314, 0.4364, 0.6518)),
         Row("RGBShift", "rgb_shift", (0.6839, 0.4251, 0.8594, 0.5607, 0.6708)),
         Row("Rotate", "rotate", (0.7037, 0.4504, 0.8262, 0.5232, 0.5679)),
-        Row("Composition (proposed)", PROPOSED, (0.6997, 0.4303, 0.8295, 0.5339, 0.7664)),
+        Row("Composition (proposed)", PROPOSED, PAPER_PROPOSED),
     ), "Composition (proposed)"),
     "6": Table("Table 6: single-modal vs multi-modal training (localisation)", (
         Row("Single-modal training", "train_fundus", (0.6873, 0.4384, 0.8095, 0.5156),
             variants={"OCT AUC": "train_oct", "OCT PRO": "train_oct"}),
-        Row("Multi-modal training (proposed)", PROPOSED, (0.6997, 0.4303, 0.8295, 0.5339)),
+        Row("Multi-modal training (proposed)", PROPOSED, PAPER_PROPOSED[:4]),
     ), "Multi-modal training (proposed)", LOCALISATION_DETECTION[:4]),
     "7": Table("Table 7: low-level feature extraction and prompt-generator sharing", (
         Row("Without pre-training (random CNN)", PROPOSED, (0.6628, 0.3037, 0.7647, 0.4333, 0.7257)),
         Row("Fourier transform (EVP's)", "evp", (0.7197, 0.3554, 0.8241, 0.5068, 0.7524)),
-        Row("Pretrained CNN (proposed)", "pretrained_cnn", (0.6997, 0.4303, 0.8295, 0.5339, 0.7664)),
+        Row("Pretrained CNN (proposed)", "pretrained_cnn", PAPER_PROPOSED),
         Row("Without shared weights", "share_none", (0.6464, 0.3386, 0.8154, 0.4573, 0.7089)),
         Row("Shared LN_1..LN_n only", "share_ln_i", (0.6782, 0.3972, 0.8405, 0.4880, 0.7407)),
         Row("Shared LN_s and LN_1..LN_n", "share_all", (0.6253, 0.2932, 0.7706, 0.3674, 0.6693)),
-        Row("Shared LN_s only (proposed)", PROPOSED, (0.6997, 0.4303, 0.8295, 0.5339, 0.7664)),
+        Row("Shared LN_s only (proposed)", PROPOSED, PAPER_PROPOSED),
     ), "Shared LN_s only (proposed)"),
     "8": Table("Table 8: the prompt-tuning method", (
         Row("Only decoder", "decoder_only", (0.6206, 0.2261, 0.7713, 0.3008, 0.6872)),
         Row("VPT", "vpt", (0.6305, 0.3996, 0.7895, 0.4109, 0.7166)),
         Row("AdaptFormer", "adaptformer", (0.6472, 0.3176, 0.8142, 0.4616, 0.7225)),
         Row("EVP", "evp", (0.6979, 0.4502, 0.8144, 0.4671, 0.7758)),
-        Row("LPT (proposed)", PROPOSED, (0.6997, 0.4303, 0.8295, 0.5339, 0.7664)),
+        Row("LPT (proposed)", PROPOSED, PAPER_PROPOSED),
     ), "LPT (proposed)"),
     "9": Table("Table 9: weight sharing of the decoder and the mask token", (
         Row("Shared decoder only", "separate_mask_token", (0.6846, 0.3842, 0.8188, 0.4827, 0.7624)),
         Row("Shared mask token only", "separate_decoder", (0.6609, 0.3088, 0.7573, 0.4584, 0.7237)),
-        Row("Shared mask token and decoder (proposed)", PROPOSED, (0.6997, 0.4303, 0.8295, 0.5339, 0.7664)),
+        Row("Shared mask token and decoder (proposed)", PROPOSED, PAPER_PROPOSED),
     ), "Shared mask token and decoder (proposed)"),
     "10": Table("Table 10: the training loss", (
         Row("Focal", "focal", (0.7210, 0.3477, 0.8491, 0.5936, 0.7773)),
         Row("Dice", "dice", (0.6928, 0.3882, 0.8356, 0.5187, 0.7137)),
         Row("Lovasz", "lovasz", (0.6451, 0.3836, 0.7677, 0.3029, 0.7086)),
-        Row("Cross-entropy (proposed)", PROPOSED, (0.6997, 0.4303, 0.8295, 0.5339, 0.7664)),
+        Row("Cross-entropy (proposed)", PROPOSED, PAPER_PROPOSED),
     ), "Cross-entropy (proposed)"),
     "12": Table("Table 12: the fusion strategy (multi-modal detection AUC)", (
         Row("Maximum", PROPOSED, (0.7338,), metrics={"detection AUC": "detection.max"}),
@@ -173,7 +175,7 @@ TABLES = {
     "14": Table("Table 14: the token initialisation", (
         Row("Normal", "token_normal", (0.6844, 0.4280, 0.8229, 0.5326, 0.7493)),
         Row("Kaiming", "token_kaiming", (0.7097, 0.4274, 0.8302, 0.5258, 0.7459)),
-        Row("Pretrained (proposed)", PROPOSED, (0.6997, 0.4303, 0.8295, 0.5339, 0.7664)),
+        Row("Pretrained (proposed)", PROPOSED, PAPER_PROPOSED),
     ), "Pretrained (proposed)"),
 }
 
@@ -354,44 +356,61 @@ def _cell(runs: list[dict], dirs: list[Path], metric: str, seed: int) -> tuple[f
     return uncertainty.seed_mean(points, reps, seed)
 
 
-def render(params: Params, tables: list[str], out: str | Path, seeds: list[int] | None = None,
-           wall_seconds: float | None = None) -> str:
-    """reports/ablations.md from the finished runs under ``out``: the paper's tables, ours beside theirs."""
+def render(params: Params, tables: list[str], out: str | Path, seeds: list[int] | None = None) -> str:
+    """reports/ablations.md from the finished runs under ``out`` (those of the current params only): the paper's
+    tables, ours beside theirs."""
     out = Path(out)
     seeds = seeds or params.ablation.seeds
+    tables = check_tables(tables)
+    runs: dict[tuple[str, int], tuple[dict, Path]] = {}  # the finished runs of the current params
+    needed = [(v, s) for t in tables for v in table_variants(TABLES[t]) if runnable(params, v) for s in seeds]
+    for variant, seed in dict.fromkeys(needed):
+        run_dir = out / "runs" / variant / f"seed-{seed}"
+        record = _finished(run_dir, training_fingerprint(run_params(params, variant, seed)))
+        if record is not None:
+            runs[variant, seed] = (record, run_dir)
+    minutes = sum(r["seconds"] for r, _ in runs.values()) / 60
     lines = ["# Ablations (the paper's Section 5)", "",
              f"Profile `{params.ablation.profile}` ({json.dumps(PROFILES[params.ablation.profile](params))} over "
-             f"params.yaml), seeds {seeds}, on the default MMR test set. Each cell: ours, the mean over the seeds "
-             "with its 95 % interval (case and seed bootstrap: `uncertainty.seed_mean`) / the paper's number. "
-             "p: paired case bootstrap of the row against the table's proposed row (same resamples), two-sided. "
-             "Produced by `mmrad ablate`; docs/decisions.md (\"Ablations\") says how each variant reads the paper.",
-             ""]
-    if wall_seconds is not None:
-        lines[-2] += f" The grid's runs took {wall_seconds / 60:.0f} min (the sum of their wall times)."
-    for tid in check_tables(tables):
+             f"params.yaml), seeds {seeds}, on the default MMR test set; {len(runs)} of "
+             f"{len(dict.fromkeys(needed))} runs finished, their wall times summing to {minutes:.0f} min. Ours: the "
+             "mean over the seeds with its 95 % interval (case and seed bootstrap: `uncertainty.seed_mean`), and "
+             "p, the paired case bootstrap of the row against the table's proposed row (same resamples), two-sided. "
+             "Paper: the published number (real MMR, pretrained SAM). Produced by `mmrad ablate`; "
+             "docs/decisions.md (\"Ablations\") says how each variant reads the paper.", ""]
+    for tid in tables:
         table = TABLES[tid]
-        lines += [f"## {table.caption}", "", "| setting | " + " | ".join(h for h, _ in table.columns) + " |",
-                  "|---|" + "---:|" * len(table.columns)]
+        lines += [f"## {table.caption}", "",
+                  "| setting | " + " | ".join(f"{h} ours | {h} paper" for h, _ in table.columns) + " |",
+                  "|---|" + "---:|---:|" * len(table.columns)]
         cells: dict[tuple[str, str], tuple[float, np.ndarray] | None] = {}
         for row in table.rows:
             for header, metric in table.columns:
                 variant = row.variants.get(header, row.variant)
-                name = row.metrics.get(header, metric)
-                found = [(r, d) for s in seeds for d in [out / "runs" / variant / f"seed-{s}"]
-                         for r in [_read(d)] if r is not None]
-                cells[row.title, header] = _cell([r for r, _ in found], [d for _, d in found], name, params.seed) \
+                found = [runs[variant, s] for s in seeds if (variant, s) in runs]
+                cells[row.title, header] = _cell([r for r, _ in found], [d for _, d in found],
+                                                 row.metrics.get(header, metric), params.seed) \
                     if len(found) == len(seeds) else None
         for row in table.rows:
             parts = []
             for (header, _), paper in zip(table.columns, row.paper):
                 mine, ref = cells[row.title, header], cells[table.reference, header]
-                text = "not run" if mine is None else _interval(*mine)
+                text = ("needs weights" if not all(runnable(params, v) for v in (row.variant, *row.variants.values()))
+                        else "not run") if mine is None else _interval(*mine)
+                reference = next(r for r in table.rows if r.title == table.reference)
+                same = (row.variants.get(header, row.variant), row.metrics.get(header)) == \
+                    (reference.variants.get(header, reference.variant), reference.metrics.get(header))
                 if mine is not None and ref is not None and row.title != table.reference:
-                    text += f", p = {uncertainty.paired_bootstrap_p(mine[1], ref[1], mine[0] - ref[0]):.2g}"
-                parts.append(f"{text} / {'-' if paper is None else f'{paper:.4f}'}")
+                    text += " (= proposed)" if same else \
+                        f", p {_p(uncertainty.paired_bootstrap_p(mine[1], ref[1], mine[0] - ref[0]))}"
+                parts += [text, "-" if paper is None else f"{paper:.4f}"]
             lines.append(f"| {row.title} | " + " | ".join(parts) + " |")
         lines += ["", _ordering(table, cells), ""]
     return "\n".join(lines)
+
+
+def _p(value: float) -> str:
+    return "< 0.001" if value < 0.001 else f"= {value:.3f}"
 
 
 def _read(run_dir: Path) -> dict | None:
@@ -414,14 +433,14 @@ def _ordering(table: Table, cells: dict) -> str:
         ours = [(cells[row.title, header][0], row.title) for row in table.rows if cells[row.title, header]]
         if not papers or len(ours) < 2:
             continue
-        best_paper, best_ours = max(papers)[1], max(ours)[1]
+        best_paper = max(papers)[1]
+        best_ours = max(ours, key=lambda vt: (vt[0], vt[1] == table.reference))[1]  # a tie: the proposed row
         notes.append(f"{header}: paper's best {best_paper}; ours {best_ours}"
                      + (" (same)" if best_paper == best_ours else ""))
     return "Best row per column: " + "; ".join(notes) + "." if notes else "Too few finished runs to rank rows."
 
 
-def write_report(params: Params, tables: list[str], out: str | Path, report: str | Path,
-                 wall_seconds: float | None = None) -> Path:
+def write_report(params: Params, tables: list[str], out: str | Path, report: str | Path) -> Path:
     report = Path(report)
-    atomic_write_text(report, render(params, tables, out, wall_seconds=wall_seconds) + "\n")
+    atomic_write_text(report, render(params, tables, out) + "\n")
     return report

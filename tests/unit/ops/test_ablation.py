@@ -103,14 +103,19 @@ def test_a_tiny_grid_runs_tracks_resumes_and_renders(params, prepared_mmr, tmp_p
     # the report: the paper's rows, ours with an interval and a p-value, the paper's number
     text = ablation.render(params, ["12", "10"], out)
     assert "## Table 12: the fusion strategy" in text
+    assert "4 of 10 runs finished" in text  # Table 10's 3 other variants x 2 seeds were not run
+    assert "| setting | detection AUC ours | detection AUC paper |" in text
     row = next(line for line in text.splitlines() if line.startswith("| Fusion token (T_oct - T_c)"))
-    assert "/ 0.7456" in row and ", p = " in row and "[" in row
-    assert "| Maximum | " in text and "/ 0.7338" in text
-    assert "| Focal | not run / 0.7210" in text  # Table 10 was not run
+    assert row.endswith(" | 0.7456 |") and ", p " in row and " [" in row
+    assert "| Maximum | " in text and " | 0.7338 |" in text
+    assert "| Focal | not run | 0.7210 | not run | 0.3477 |" in text
     # max and mean of the maps come from the same runs as the proposed row, and differ from its fusion score
     values = {line.split(" | ")[0]: line.split(" | ")[1].split(" [")[0] for line in text.splitlines()
               if line.startswith("| ") and " [" in line}
     assert len({values["| Maximum"], values["| Mean"], values["| Fusion token (T_c - T_oct) (proposed)"]}) == 3
+    paper = Params.model_validate({**params.model_dump(mode="json"),
+                                   "ablation": {**params.ablation.model_dump(), "quick_steps": 3}})
+    assert "0 of 4 runs finished" in ablation.render(paper, ["12"], out)  # runs of other params do not count
 
 
 def test_a_changed_variant_is_run_again_not_taken_from_the_old_folder(params, prepared_mmr, tmp_path):
