@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -32,10 +33,11 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pyarrow.parquet as pq
+from matplotlib.figure import Figure
 from PIL import Image
 
 from mmrad.core.errors import DataError
-from mmrad.core.outputs import atomic_dir, atomic_write_text, claim_folder
+from mmrad.core.outputs import atomic_dir, atomic_file, atomic_write_text, claim_folder
 from mmrad.core.params import Params
 from mmrad.evaluation import uncertainty
 from mmrad.evaluation.compare import REPLICATES
@@ -356,9 +358,10 @@ def _cell(runs: list[dict], dirs: list[Path], metric: str, seed: int) -> tuple[f
     return uncertainty.seed_mean(points, reps, seed)
 
 
-def render(params: Params, tables: list[str], out: str | Path, seeds: list[int] | None = None) -> str:
+def render(params: Params, tables: list[str], out: str | Path, seeds: list[int] | None = None,
+           figures: Path | None = None, link_from: Path | None = None) -> str:
     """reports/ablations.md from the finished runs under ``out`` (those of the current params only): the paper's
-    tables, ours beside theirs."""
+    tables, ours beside theirs; with ``figures``, one PNG per table there too (linked relative to ``link_from``)."""
     out = Path(out)
     seeds = seeds or params.ablation.seeds
     tables = check_tables(tables)
@@ -406,7 +409,40 @@ def render(params: Params, tables: list[str], out: str | Path, seeds: list[int] 
                 parts += [text, "-" if paper is None else f"{paper:.4f}"]
             lines.append(f"| {row.title} | " + " | ".join(parts) + " |")
         lines += ["", _ordering(table, cells), ""]
+        if figures is not None and any(v is not None for v in cells.values()):
+            png = figures / f"table-{tid}.png"
+            table_figure(table, cells, png)
+            lines += [f"![{table.caption}]({os.path.relpath(png, link_from or Path.cwd())})", ""]
     return "\n".join(lines)
+
+
+def table_figure(table: Table, cells: dict, path: Path) -> None:
+    """One panel per column: each row's mean over seeds with its 95 % interval (ours, black) and the paper's
+    number (an orange cross), so the ordering of the rows is seen at a glance."""
+    titles = [row.title for row in table.rows]
+    wide = len(table.columns) > 1
+    fig = Figure(figsize=(2.6 * len(table.columns) + 2.4 if wide else 6.5, 0.45 * len(titles) + (1.4 if wide else 1.8)),
+                 layout="constrained")
+    axes = fig.subplots(1, len(table.columns), sharey=True, squeeze=False)[0]
+    for k, (ax, (header, _)) in enumerate(zip(axes, table.columns)):
+        for y, row in enumerate(table.rows):
+            mine = cells[row.title, header]
+            if mine is not None:
+                low, high = uncertainty.percentile_interval(mine[1])
+                ax.plot([low, high], [y, y], color="black", linewidth=1.5)
+                ax.plot(mine[0], y, "o", color="black", markersize=5)
+            if row.paper[k] is not None:
+                ax.plot(row.paper[k], y, "x", color="tab:orange", markersize=7, markeredgewidth=2)
+        ax.set_title(header, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_yticks(range(len(titles)), titles)
+    axes[0].invert_yaxis()  # the rows top-down, as in the table (the panels share the axis)
+    axes[0].plot([], [], "o-", color="black", label="ours: mean over seeds, 95 % CI (cases and seeds)")
+    axes[0].plot([], [], "x", color="tab:orange", markeredgewidth=2, label="paper (real MMR, pretrained SAM)")
+    fig.legend(loc="outside lower center", ncols=2 if wide else 1, fontsize=9, frameon=False)
+    fig.suptitle(table.caption, fontsize=11)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 def _p(value: float) -> str:
@@ -441,6 +477,9 @@ def _ordering(table: Table, cells: dict) -> str:
 
 
 def write_report(params: Params, tables: list[str], out: str | Path, report: str | Path) -> Path:
-    report = Path(report)
-    atomic_write_text(report, render(params, tables, out) + "\n")
+    """The report (and its figures under ``out/figures/``, the grid's own folder)."""
+    report, out = Path(report), Path(out)
+    figures = claim_folder(out) / "figures"
+    figures.mkdir(exist_ok=True)
+    atomic_write_text(report, render(params, tables, out, figures=figures, link_from=report.parent) + "\n")
     return report

@@ -116,6 +116,12 @@ def test_a_tiny_grid_runs_tracks_resumes_and_renders(params, prepared_mmr, tmp_p
     paper = Params.model_validate({**params.model_dump(mode="json"),
                                    "ablation": {**params.ablation.model_dump(), "quick_steps": 3}})
     assert "0 of 4 runs finished" in ablation.render(paper, ["12"], out)  # runs of other params do not count
+    # the written report links one figure per table with runs, a real PNG in the grid's folder
+    report = ablation.write_report(params, ["12", "10"], out, tmp_path / "r" / "ablations.md")
+    assert "![Table 12: the fusion strategy (multi-modal detection AUC)](../ablations/figures/table-12.png)" in \
+        report.read_text()
+    assert (out / "figures" / "table-12.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "figures" / "table-10.png").is_file()  # its proposed row has runs (Table 12's)
 
 
 def test_a_changed_variant_is_run_again_not_taken_from_the_old_folder(params, prepared_mmr, tmp_path):
