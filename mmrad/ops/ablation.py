@@ -405,7 +405,7 @@ def render(params: Params, tables: list[str], out: str | Path, seeds: list[int] 
                     (reference.variants.get(header, reference.variant), reference.metrics.get(header))
                 if mine is not None and ref is not None and row.title != table.reference:
                     text += " (= proposed)" if same else \
-                        f", p {_p(uncertainty.paired_bootstrap_p(mine[1], ref[1], mine[0] - ref[0]))}"
+                        f", p {_p(uncertainty.paired_bootstrap_p(mine[1], ref[1], mine[0] - ref[0]), len(mine[1]))}"
                 parts += [text, "-" if paper is None else f"{paper:.4f}"]
             lines.append(f"| {row.title} | " + " | ".join(parts) + " |")
         lines += ["", _ordering(table, cells), ""]
@@ -445,8 +445,10 @@ def table_figure(table: Table, cells: dict, path: Path) -> None:
         fig.savefig(tmp, dpi=110, format="png")
 
 
-def _p(value: float) -> str:
-    return "< 0.001" if value < 0.001 else f"= {value:.3f}"
+def _p(value: float, replicates: int) -> str:
+    """A paired-bootstrap p-value; at its floor 2 / (B + 1) (no replicate on the other side of zero) as a bound."""
+    floor = 2 / (replicates + 1)
+    return f"<= {floor:.3f}" if value <= floor * (1 + 1e-9) else f"= {value:.3f}"
 
 
 def _read(run_dir: Path) -> dict | None:
