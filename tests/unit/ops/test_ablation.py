@@ -30,7 +30,7 @@ def store(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(uri)
+    return MlflowClient(uri, uri)  # tracking and registry: an earlier test may have pointed the registry elsewhere
 
 
 def test_every_table_row_names_a_known_variant_and_the_paper_has_a_number_per_column():
