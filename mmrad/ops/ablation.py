@@ -451,13 +451,6 @@ def _p(value: float, replicates: int) -> str:
     return f"<= {floor:.3f}" if value <= floor * (1 + 1e-9) else f"= {value:.3f}"
 
 
-def _read(run_dir: Path) -> dict | None:
-    try:
-        return json.loads((run_dir / RUN_METRICS).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _interval(point: float, replicates: np.ndarray) -> str:
     low, high = uncertainty.percentile_interval(replicates)
     return f"{point:.3f} [{low:.3f}, {high:.3f}]"
