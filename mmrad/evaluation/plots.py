@@ -277,11 +277,12 @@ def greyscale(image: np.ndarray) -> np.ndarray:
 
 def save_figure(fig: Figure, path: Path) -> Path:
     """RGB PNG without software or date metadata (Pillow writes none unless asked): the same bytes on every
-    run; RGB, not matplotlib's RGBA, and Pillow's optimiser keep the file about 10 % smaller."""
+    run; RGB, not matplotlib's RGBA, keeps the file smaller. zlib's default level, not Pillow's ``optimize``:
+    that is 6x slower per overlay (0.5 vs 0.08 s for a 1722 x 650 pair) for files 2 % smaller."""
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     pixels = np.asarray(canvas.buffer_rgba())[..., :3]
-    Image.fromarray(pixels).save(path, format="png", optimize=True)
+    Image.fromarray(pixels).save(path, format="png")
     return path
 
 

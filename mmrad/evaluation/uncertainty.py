@@ -46,7 +46,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import norm
+from scipy.special import ndtr, ndtri  # the normal cdf and its inverse (scipy.stats.norm's own; 0.5 s less to import)
 
 from mmrad.evaluation import metrics
 from mmrad.evaluation.metrics import regions
@@ -159,8 +159,8 @@ def delong(scores_a, scores_b, labels) -> DeLong:
         z, p = (0.0, 1.0) if diff == 0 else (math.copysign(math.inf, diff), 0.0)
     else:
         z = diff / se
-        p = float(2 * norm.sf(abs(z)))
-    half = norm.ppf(0.5 + LEVEL / 2) * se
+        p = float(2 * ndtr(-abs(z)))
+    half = ndtri(0.5 + LEVEL / 2) * se
     return DeLong(auc_a, auc_b, diff, se, z, p, (diff - half, diff + half))
 
 
@@ -208,7 +208,7 @@ def wilson(hits: float, n: int, level: float = LEVEL) -> tuple[float, float]:
     """Wilson score interval of a proportion hits / n."""
     if n <= 0:
         return (math.nan, math.nan)
-    z = norm.ppf(0.5 + level / 2)
+    z = ndtri(0.5 + level / 2)
     p = hits / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
