@@ -46,7 +46,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import ndtr, ndtri  # the normal cdf and its inverse (scipy.stats.norm's own; 0.5 s less to import)
+from scipy.special import ndtr, ndtri  # the normal cdf and its inverse: what scipy.stats.norm computes
 
 from mmrad.evaluation import metrics
 from mmrad.evaluation.metrics import regions
