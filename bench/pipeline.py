@@ -1,21 +1,26 @@
 """Benchmark: the README's first command, stage by stage, with and without Prefect.
 
-Runs ``dvc repro`` (each stage a Prefect flow run against the project's own
-Prefect server, started by the first stage: the shipped default), then the
-same stages plainly (``MMRAD_ORCHESTRATION=off dvc repro --force``), then a
-no-op ``dvc repro`` (``--noop-repeats`` times). Each side's stage processes are
-watched from outside: a stage's wall time runs from its process appearing
-under dvc to its end, its peak memory is the largest summed RSS of its process
-tree (sampled every ``--interval`` s; the project's Prefect server is counted
-apart, it serves every stage). The Prefect overhead is the difference of the
-two sides' totals. Both sides must write the same bytes (dvc.lock's output
-hashes are compared at the end).
+Each side is ``dvc repro`` on its own fresh clone of HEAD: with Prefect (each
+stage a Prefect flow run against the project's own Prefect server, started by
+the first stage: the shipped default) and plainly (``MMRAD_ORCHESTRATION=off``).
+Both sides pay the same fresh-clone costs (an empty DVC cache, Python compiling
+the project's modules); the Prefect side also pays its server's first start,
+database creation included. The sides alternate: plain first in the first
+pair, Prefect first in the second, and so on (``--pairs``). After each Prefect
+side, a no-op ``dvc repro`` (``--noop-repeats`` times).
 
-    .venv/bin/python bench/pipeline.py                   # a fresh clone of this checkout (HEAD) in a temp folder
-    .venv/bin/python bench/pipeline.py --project .       # in this checkout, as it is
+Each side's stage processes are watched from outside: a stage's wall time runs
+from its process appearing under dvc to its end, its peak memory is the
+largest summed RSS of its process tree (sampled every ``--interval`` s; the
+project's Prefect server is counted apart, it serves every stage). The Prefect
+overhead is the difference of the two sides' totals in each pair. Both sides
+must write the same bytes (dvc.lock's output hashes are compared).
 
-The fresh clone uses this checkout's virtual environment (the README's setup
-step is timed in docs/benchmarks.md on its own).
+    .venv/bin/python bench/pipeline.py               # one pair: plain, then Prefect
+    .venv/bin/python bench/pipeline.py --pairs 2     # and then Prefect, then plain
+
+The clones use this checkout's virtual environment (the README's setup step is
+timed in docs/benchmarks.md on its own).
 """
 
 from __future__ import annotations
@@ -118,55 +123,70 @@ def output_hashes(project: Path) -> dict[str, str]:
     return {o["path"]: o.get("md5", "") for stage in lock.values() for o in stage.get("outs", [])}
 
 
+def side(scratch: Path, name: str, env: dict, interval: float, noop_repeats: int) -> dict:
+    """``dvc repro`` on a fresh clone of HEAD: total, stage rows, server peak, output hashes, no-op times."""
+    project = scratch / name
+    subprocess.run(["git", "clone", "-q", str(PROJECT), str(project)], check=True)
+    stop = [sys.executable, "-m", "flows", "server", "stop"]
+    try:
+        total, rows, server_mb = repro(project, env, interval)
+        hashes = output_hashes(project)
+        noop = [repro(project, env, interval)[0] for _ in range(noop_repeats)]
+    finally:
+        subprocess.run(stop, cwd=project, env=env, capture_output=True)  # the Prefect side's server
+        shutil.rmtree(project, ignore_errors=True)
+    print(f"{name}: {total:.1f} s", flush=True)
+    return {"total": total, "rows": rows, "server_mb": server_mb, "hashes": hashes, "noop": noop}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--project", type=Path, help="measure in this checkout (default: a fresh clone of HEAD)")
+    parser.add_argument("--pairs", type=int, default=1, help="pairs of sides, their order alternating")
     parser.add_argument("--interval", type=float, default=0.2, help="sampling period, seconds")
     parser.add_argument("--noop-repeats", type=int, default=3)
     args = parser.parse_args()
 
-    scratch = None
-    if args.project is None:
-        scratch = Path(tempfile.mkdtemp(prefix="mmrad-bench-pipeline-"))
-        project = scratch / "project"
-        subprocess.run(["git", "clone", "-q", str(PROJECT), str(project)], check=True)
-    else:
-        project = args.project.resolve()
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "MMRAD_"))}
     base["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{base['PATH']}"
     base["DVC_NO_ANALYTICS"] = "1"
-    flows = [sys.executable, "-m", "flows", "server", "stop"]
+    settings = {"prefect": base, "plain": {**base, "MMRAD_ORCHESTRATION": "off"}}
+    scratch = Path(tempfile.mkdtemp(prefix="mmrad-bench-pipeline-"))
+    runs: dict[str, list[dict]] = {"prefect": [], "plain": []}
     try:
-        subprocess.run(flows, cwd=project, env=base, capture_output=True)  # the "on" side starts its own
-        on_total, on_rows, server_mb = repro(project, base, args.interval)
-        on_hashes = output_hashes(project)
-        off_total, off_rows, _ = repro(project, {**base, "MMRAD_ORCHESTRATION": "off"}, args.interval, "--force")
-        off_hashes = output_hashes(project)
-        differ = sorted(path for path in on_hashes if off_hashes.get(path) != on_hashes[path])
-        noop = [repro(project, base, args.interval)[0] for _ in range(args.noop_repeats)]
+        for pair in range(args.pairs):
+            for kind in ("plain", "prefect") if pair % 2 == 0 else ("prefect", "plain"):
+                runs[kind].append(side(scratch, f"{kind}-{pair + 1}", settings[kind], args.interval,
+                                       args.noop_repeats if kind == "prefect" else 0))
     finally:
-        subprocess.run(flows, cwd=project, env=base, capture_output=True)
-        if scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+    summary(runs["prefect"], runs["plain"])
 
-    off_by_name = {name: (wall, peak) for name, wall, peak in off_rows}
-    print(f"{'stage':<40} {'Prefect s':>10} {'plain s':>8} {'peak MB':>8} {'plain MB':>8}")
-    for name, wall, peak in on_rows:
-        plain = off_by_name.get(name, (float("nan"), float("nan")))
-        print(f"{name:<40} {wall:>10.1f} {plain[0]:>8.1f} {peak:>8.0f} {plain[1]:>8.0f}")
-    on_stages, off_stages = sum(r[1] for r in on_rows), sum(r[1] for r in off_rows)
-    print(f"{'sum of stages':<40} {on_stages:>10.1f} {off_stages:>8.1f}")
-    print(f"total `dvc repro`: {on_total:.1f} s with Prefect ({on_total / 60:.1f} min; target <= 10 min), "
-          f"{off_total:.1f} s plainly")
-    overhead = on_total - off_total
-    print(f"Prefect overhead: {overhead:+.1f} s = {100 * overhead / off_total:+.1f} % (target <= 5 %); "
-          f"project server peak {server_mb:.0f} MB")
-    peak = max(r[2] for r in on_rows)
-    print(f"peak stage memory: {peak:.0f} MB with Prefect (+ server), {max(r[2] for r in off_rows):.0f} MB plainly "
-          "(target <= 4096 MB)")
+
+def summary(on: list[dict], off: list[dict]) -> None:
+    """Print the stage table and the targets (each list: one ``side`` result per pair)."""
+    by_name = [{name: (wall, peak) for name, wall, peak in run["rows"]} for run in off]
+    print(f"{'stage':<40} {'Prefect s':>14} {'plain s':>14} {'peak MB':>8} {'plain MB':>8}")
+    for name, _, _ in on[0]["rows"]:
+        walls = [f"{dict((n, w) for n, w, _ in run['rows']).get(name, float('nan')):.1f}" for run in on]
+        plain = [f"{rows.get(name, (float('nan'),))[0]:.1f}" for rows in by_name]
+        peak = max(dict((n, p) for n, _, p in run["rows"]).get(name, 0) for run in on)
+        plain_peak = max(rows.get(name, (0, 0))[1] for rows in by_name)
+        print(f"{name:<40} {' / '.join(walls):>14} {' / '.join(plain):>14} {peak:>8.0f} {plain_peak:>8.0f}")
+    on_totals, off_totals = (" / ".join(f"{run['total']:.1f}" for run in runs) for runs in (on, off))
+    print(f"total `dvc repro`: {on_totals} s with Prefect (target <= 600 s), {off_totals} s plainly")
+    for pair, (a, b) in enumerate(zip(on, off), 1):
+        overhead = a["total"] - b["total"]
+        print(f"pair {pair}: Prefect overhead {overhead:+.1f} s = {100 * overhead / b['total']:+.1f} % (target <= 5 %)")
+    ratios = [100 * (a["total"] - b["total"]) / b["total"] for a, b in zip(on, off)]
+    print(f"Prefect overhead, median of {len(ratios)} pairs: {statistics.median(ratios):+.1f} %; project server "
+          f"peak {max(run['server_mb'] for run in on):.0f} MB")
+    print(f"peak stage memory: {max(r[2] for run in on for r in run['rows']):.0f} MB with Prefect (+ server), "
+          f"{max(r[2] for run in off for r in run['rows']):.0f} MB plainly (target <= 4096 MB)")
+    noop = [t for run in on for t in run["noop"]]
     print(f"no-op `dvc repro`: median {statistics.median(noop):.2f} s of {len(noop)} (target <= 2 s)")
+    differ = sorted({path for a, b in zip(on, off) for path in a["hashes"] if b["hashes"].get(path) != a["hashes"][path]})
     print(f"outputs that differ with and without Prefect: {', '.join(differ) or 'none'} "
-          f"(of {len(on_hashes)}; expected: the files holding wall times or run ids)")
+          f"(of {len(on[0]['hashes'])}; expected: the files holding wall times or run ids)")
 
 
 if __name__ == "__main__":

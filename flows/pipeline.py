@@ -40,8 +40,10 @@ from prefect.client.orchestration import get_client
 from prefect.flow_engine import run_flow
 from prefect.futures import wait
 from prefect.runtime import flow_run, task_run
+from prefect.settings import temporary_settings
 from prefect.states import Pending
 
+from flows.server import PROJECT_SERVER_ENV
 from mmrad.cli import build_parser
 from mmrad.cli import main as mmrad_main
 from mmrad.core.errors import DataError
@@ -270,8 +272,23 @@ def run_tags(project: str | Path) -> list[str]:
     return found
 
 
+def engine_settings() -> dict:
+    """Prefect settings for a stage's flow run: Prefect's own, except against the project server.
+
+    There the flow run sends no heartbeats: only a server's services read them (to mark a crashed run) and the
+    project server runs none (flows/server.py), and ending the heartbeat thread costs each stage up to 1 s.
+    """
+    url = os.environ.get(PROJECT_SERVER_ENV)
+    return {"flows.heartbeat_frequency": None} if url and url == os.environ.get("PREFECT_API_URL") else {}
+
+
 def run_stage_flow(name: str, argv: list[str]):
     """The ``stage`` flow as a run called ``name``, tagged; a child of the retrain flow's repro when it started us."""
+    with temporary_settings(updates=engine_settings()):
+        return _run_stage_flow(name, argv)
+
+
+def _run_stage_flow(name: str, argv: list[str]):
     parameters, labels = {"name": name, "argv": argv}, run_tags(os.environ.get("DVC_ROOT", "."))
     parent = os.environ.get(PARENT_ENV)
     if not parent:

@@ -46,6 +46,9 @@ START_TIMEOUT_S = 120.0  # a fresh database's migrations take ~15 s on a quiet 2
 HEARTBEAT_S = 60.0  # a running stage touches the state file this often, so the idle stop never hits it
 DEFAULT_IDLE_S = 3600.0
 STOP_HINT = "python -m flows server stop"
+# set by for_stage to the project server's API URL: flows.pipeline then runs the stage without Prefect's flow-run
+# heartbeats, which only the server's services read (this server runs none) and which cost each stage up to 1 s
+PROJECT_SERVER_ENV = "MMRAD_PREFECT_PROJECT_SERVER"
 
 
 def home() -> Path:
@@ -198,7 +201,7 @@ def for_stage() -> None:
     url = start()
     if url is None:
         return
-    os.environ["PREFECT_API_URL"] = url
+    os.environ["PREFECT_API_URL"] = os.environ[PROJECT_SERVER_ENV] = url
     where = home()
 
     every = min(HEARTBEAT_S, _idle_seconds() / 3)

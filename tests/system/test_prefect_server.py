@@ -72,9 +72,12 @@ def test_the_first_stage_starts_the_server_the_second_finds_it_and_stop_ends_it(
     assert (root / ".prefect" / "prefect.db").is_file()  # the history lives in the project
     assert not (tmp_path / "home" / ".prefect").exists()  # not in the user's home
 
-    second = _flows(root, env, "generate", "--out", "second")
+    # Prefect's debug log names the flow-run heartbeat thread when there is one
+    second = _flows(root, {**env, "PREFECT_LOGGING_LEVEL": "DEBUG"}, "generate", "--out", "second")
     assert second.returncode == 0, second.stderr[-3000:]
     assert STARTED not in second.stderr and _state(root)["pid"] == state["pid"]  # found, not started again
+    # no heartbeats against the project server: it runs no services to read them (flows.pipeline.engine_settings)
+    assert "Beginning flow run" in second.stderr and "heartbeat" not in second.stderr
     assert (root / "first" / "MMR").is_dir() and (root / "second" / "MMR").is_dir()
     # both stages are flow runs of the one server (browsable in its UI afterwards)
     assert _flow_runs(root, env, state["url"]).count("generate") == 2
@@ -116,9 +119,11 @@ def test_an_idle_server_stops_by_itself_and_no_server_is_started_when_one_is_con
     assert not (root / ".prefect" / "mmrad-server.json").exists()
 
     # a configured API (a team server; here the tests' shared one) is used as it is: nothing is started
-    done = _flows(root, {**env, "PREFECT_API_URL": prefect_api}, "generate", "--out", "out")
+    done = _flows(root, {**env, "PREFECT_API_URL": prefect_api, "PREFECT_LOGGING_LEVEL": "DEBUG"}, "generate", "--out",
+                  "out")
     assert done.returncode == 0, done.stderr[-3000:]
     assert STARTED not in done.stderr and not (root / ".prefect" / "mmrad-server.json").exists()
+    assert "Started flow run heartbeat context" in done.stderr  # Prefect's defaults, heartbeats included
     # and MMRAD_PREFECT_SERVER=off keeps Prefect's temporary API per stage
     done = _flows(root, {**env, "MMRAD_PREFECT_SERVER": "off"}, "generate", "--out", "out2")
     assert done.returncode == 0 and STARTED not in done.stderr and not (root / ".prefect" / "mmrad-server.json").exists()
