@@ -55,6 +55,7 @@ class Comparison:
     high: float
     p_value: float
     test: str
+    p_floor: float = 0.0  # the smallest p the test can give (paired bootstrap: 2 / (B + 1)); DeLong: 0
 
 
 def cases_digest(case_ids: list[str]) -> str:
@@ -124,4 +125,5 @@ def compare(a: Evidence, b: Evidence, metric: str, value_a: float, value_b: floa
     d = a.replicates[metric] - b.replicates[metric]
     low, high = uncertainty.percentile_interval(d)
     return Comparison(metric, value_a, value_b, value_a - value_b, low, high,
-                      uncertainty.paired_bootstrap_p(a.replicates[metric], b.replicates[metric]), "paired bootstrap")
+                      uncertainty.paired_bootstrap_p(a.replicates[metric], b.replicates[metric]), "paired bootstrap",
+                      uncertainty.bootstrap_p_floor(int(np.count_nonzero(np.isfinite(d)))))

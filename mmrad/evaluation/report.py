@@ -14,7 +14,7 @@ from pathlib import Path
 from mmrad.core.errors import DataError
 from mmrad.core.outputs import atomic_write_text
 from mmrad.core.params import Params
-from mmrad.evaluation import compare, methods
+from mmrad.evaluation import compare, methods, uncertainty
 from mmrad.evaluation.methods import BASELINES, MAIN, METHODS
 
 # Paper Tables 2, 5, 12, 13 (MMR). (pixel AUC, PRO) per modality, detection AUC.
@@ -69,10 +69,6 @@ def _v(result: dict, *path: str) -> str:
     return f"{node:.4f}"
 
 
-def _p(value: float) -> str:
-    return "<0.001" if value < 0.001 else f"{value:.3f}"
-
-
 def render(results: dict[str, dict], context: dict, transfer: dict[str, dict] | None = None,
            comparisons: list | None = None) -> str:
     """Markdown from {method key: metrics.json content}, Table 11's transfer results and the paired
@@ -89,7 +85,9 @@ def render(results: dict[str, dict], context: dict, transfer: dict[str, dict] | 
         lines += [f"Every figure of ours is followed by its 95 % interval: {u['method']}, {u['replicates']} resamples "
                   f"of the {first.get('cases', '?')} test cases ({first.get('anomalous_cases', '?')} anomalous), "
                   f"seed {u['seed']}. Detection comparisons use DeLong's paired test, pixel metrics the paired "
-                  "bootstrap (the same resamples for every method).", ""]
+                  "bootstrap (the same resamples for every method); a bootstrap p written "
+                  f"`{uncertainty.format_p(0.0, uncertainty.bootstrap_p_floor(u['replicates']))}` is at the test's "
+                  "floor, 2 / (resamples + 1): no resample crossed zero.", ""]
     lines += ["## Table 2: localisation (pixel AUROC / AU-PRO) and detection (AUROC)", "",
               "| method | fundus AUC ours | fundus PRO ours | OCT AUC ours | OCT PRO ours | detection ours "
               "| fundus AUC / PRO paper | OCT AUC / PRO paper | detection paper |",
@@ -118,7 +116,7 @@ def render(results: dict[str, dict], context: dict, transfer: dict[str, dict] | 
                   "|---|---|---|---:|---:|---:|---:|---|"]
         for label_a, label_b, c in comparisons:
             lines.append(f"| {c.metric.replace('|', ' vs ')} | {label_a} | {label_b} | {c.a:.4f} | {c.b:.4f} | {c.difference:+.4f} "
-                         f"[{c.low:+.3f}, {c.high:+.3f}] | {_p(c.p_value)} | {c.test} |")
+                         f"[{c.low:+.3f}, {c.high:+.3f}] | {uncertainty.format_p(c.p_value, c.p_floor)} | {c.test} |")
     if MAIN in results:
         r = results[MAIN]
         d = r.get("detection", {})

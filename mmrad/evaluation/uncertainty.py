@@ -204,6 +204,19 @@ def paired_bootstrap_p(replicates_a, replicates_b, observed: float | None = None
     return float(min(1.0, 2 * (min(below, above) + 1) / (d.size + 1)))
 
 
+def bootstrap_p_floor(replicates: int) -> float:
+    """The smallest p ``paired_bootstrap_p`` can give from this many replicate differences: 2 / (B + 1)."""
+    return 2 / (replicates + 1)
+
+
+def format_p(p: float, floor: float = 0.0) -> str:
+    """A p-value as text: ``<= 0.002`` at a resampling test's ``floor`` (no replicate crossed zero: the p
+    can be no smaller there, the true one may be far smaller), ``<0.001`` below that, else 3 decimals."""
+    if floor and p <= floor * (1 + 1e-9):
+        return f"<= {floor:.3f}"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def wilson(hits: float, n: int, level: float = LEVEL) -> tuple[float, float]:
     """Wilson score interval of a proportion hits / n."""
     if n <= 0:

@@ -447,8 +447,8 @@ def table_figure(table: Table, cells: dict, path: Path) -> None:
 
 def _p(value: float, replicates: int) -> str:
     """A paired-bootstrap p-value; at its floor 2 / (B + 1) (no replicate on the other side of zero) as a bound."""
-    floor = 2 / (replicates + 1)
-    return f"<= {floor:.3f}" if value <= floor * (1 + 1e-9) else f"= {value:.3f}"
+    text = uncertainty.format_p(value, uncertainty.bootstrap_p_floor(replicates))
+    return text if text.startswith("<") else f"= {text}"
 
 
 def _interval(point: float, replicates: np.ndarray) -> str:

@@ -47,6 +47,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from mmrad.core.errors import DataError
+from mmrad.evaluation import uncertainty
 from mmrad.evaluation.compare import SCORES, Comparison, Evidence, comparable, compare, load_evidence
 from mmrad.evaluation.methods import MAIN
 from mmrad.ops.tracking import CHALLENGER, CHAMPION, EVIDENCE, use_tracking
@@ -104,14 +105,14 @@ class Decision:
         lines = [f"challenger: version {self.challenger}   champion: "
                  f"{'version ' + self.champion if self.champion else 'none'}",
                  f"{'metric':44s} {'champion':>9s} {'challenger':>10s} {'delta':>8s} {'95 % CI of delta':>18s} "
-                 f"{'p':>7s} {'alpha':>6s}  rule (gain >= / drop <=)  verdict"]
+                 f"{'p':>8s} {'alpha':>6s}  rule (gain >= / drop <=)  verdict"]
         for r in self.rows:
             fmt = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
             delta = "–" if r.delta is None else f"{r.delta:+.4f}"
             ci = f"[{r.test.low:+.3f}, {r.test.high:+.3f}]" if isinstance(r.test, Comparison) else "–"
-            p = "–" if r.p_value is None else ("<0.001" if r.p_value < 0.001 else f"{r.p_value:.3f}")
+            p = "–" if r.p_value is None else uncertainty.format_p(r.p_value, r.test.p_floor)
             lines.append(f"{r.metric:44s} {fmt(r.champion):>9s} {fmt(r.challenger):>10s} {delta:>8s} {ci:>18s} "
-                         f"{p:>7s} {r.alpha:6.4f}  {r.min_gain:.3f} / {r.max_regression:.3f}{'':12s} {r.verdict}")
+                         f"{p:>8s} {r.alpha:6.4f}  {r.min_gain:.3f} / {r.max_regression:.3f}{'':12s} {r.verdict}")
         notes = sorted({r.test for r in self.rows if isinstance(r.test, str)})
         lines += [f"no paired test: {note}" for note in notes]
         lines.append(f"gate: {'PASS' if self.passed else 'FAIL'}: {self.reason}")

@@ -207,10 +207,14 @@ def test_report_prints_intervals_comparisons_and_flags_a_degenerate_score():
                        "detection": {"fundus_only": {"low": 0.85, "high": 0.98}}},
               "uncertainty": {"method": "stratified case bootstrap, percentile interval", "replicates": 1000,
                               "seed": 7, "level": 0.95}}
-    comparison = Comparison("fundus.pixel_auroc", 0.7, 0.65, 0.05, 0.01, 0.09, 0.012, "paired bootstrap")
+    comparison = Comparison("fundus.pixel_auroc", 0.7, 0.65, 0.05, 0.01, 0.09, 0.012, "paired bootstrap", 2 / 1001)
+    floored = Comparison("oct.aupro", 0.5, 0.3, 0.2, 0.15, 0.25, 2 / 1001, "paired bootstrap", 2 / 1001)
     text = render({"mmrad": result}, {"data": "synthetic", "weights": "none",
                                       "conditions": ["LPT CNNs: 2 x resnet50 without pre-training"]},
-                  comparisons=[("MMRAD", "PaDiM", comparison)])
+                  comparisons=[("MMRAD", "PaDiM", comparison), ("MMRAD", "PaDiM", floored)])
+    # no resample crossed zero: the p is a bound, and the header says why
+    assert "| oct.aupro | MMRAD | PaDiM | 0.5000 | 0.3000 | +0.2000 [+0.150, +0.250] | <= 0.002 | paired bootstrap |" in text
+    assert "written `<= 0.002` is at the test's floor" in text
     assert "| MMRAD | 0.7000 [0.650, 0.740] | 0.4000 |" in text  # a value with its interval; none given: bare
     assert "0.9300 [0.850, 0.980]" in text
     assert "degenerate (spread 1.2e-04)" in text and "0.6325" not in text.split("## Table 12")[0]

@@ -121,6 +121,17 @@ def test_paired_bootstrap_p_and_wilson():
     assert uncertainty.paired_bootstrap_p(a + 0.1, a) == pytest.approx(2 / 1001)
     low, high = uncertainty.wilson(0, 10)
     assert low == 0.0 and high == pytest.approx(3.8415 / 13.8415, abs=1e-4)
+
+
+def test_a_p_value_at_the_bootstraps_floor_is_written_as_a_bound():
+    rng = np.random.default_rng(7)
+    a = rng.normal(0.8, 0.02, 1000)
+    floor = uncertainty.bootstrap_p_floor(1000)
+    assert uncertainty.paired_bootstrap_p(a + 0.1, a) == pytest.approx(floor)  # the smallest p it can give
+    assert uncertainty.format_p(uncertainty.paired_bootstrap_p(a + 0.1, a), floor) == "<= 0.002"
+    assert uncertainty.format_p(0.0123, floor) == "0.012"  # above the floor: the value
+    # a test without a floor (DeLong): tiny values as "<0.001", others to 3 decimals
+    assert uncertainty.format_p(2e-9) == "<0.001" and uncertainty.format_p(0.002) == "0.002"
     low, high = uncertainty.wilson(5, 10)
     assert (low, high) == pytest.approx((0.2366, 0.7634), abs=1e-4)
 
