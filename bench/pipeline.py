@@ -38,6 +38,7 @@ from pathlib import Path
 
 import psutil
 import yaml
+from scipy import stats
 
 PROJECT = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).parent / "dvc")
@@ -164,22 +165,27 @@ def main() -> None:
 
 def summary(on: list[dict], off: list[dict]) -> None:
     """Print the stage table and the targets (each list: one ``side`` result per pair)."""
-    by_name = [{name: (wall, peak) for name, wall, peak in run["rows"]} for run in off]
+    missing = (float("nan"), 0.0)
+    on_rows, off_rows = ([{name: (wall, peak) for name, wall, peak in run["rows"]} for run in runs]
+                         for runs in (on, off))
     print(f"{'stage':<40} {'Prefect s':>14} {'plain s':>14} {'peak MB':>8} {'plain MB':>8}")
-    for name, _, _ in on[0]["rows"]:
-        walls = [f"{dict((n, w) for n, w, _ in run['rows']).get(name, float('nan')):.1f}" for run in on]
-        plain = [f"{rows.get(name, (float('nan'),))[0]:.1f}" for rows in by_name]
-        peak = max(dict((n, p) for n, _, p in run["rows"]).get(name, 0) for run in on)
-        plain_peak = max(rows.get(name, (0, 0))[1] for rows in by_name)
-        print(f"{name:<40} {' / '.join(walls):>14} {' / '.join(plain):>14} {peak:>8.0f} {plain_peak:>8.0f}")
+    for name in on_rows[0]:
+        walls, plain = (" / ".join(f"{rows.get(name, missing)[0]:.1f}" for rows in side) for side in (on_rows, off_rows))
+        peak, plain_peak = (max(rows.get(name, missing)[1] for rows in side) for side in (on_rows, off_rows))
+        print(f"{name:<40} {walls:>14} {plain:>14} {peak:>8.0f} {plain_peak:>8.0f}")
     on_totals, off_totals = (" / ".join(f"{run['total']:.1f}" for run in runs) for runs in (on, off))
     print(f"total `dvc repro`: {on_totals} s with Prefect (target <= 600 s), {off_totals} s plainly")
+    ratios = []
     for pair, (a, b) in enumerate(zip(on, off), 1):
         overhead = a["total"] - b["total"]
-        print(f"pair {pair}: Prefect overhead {overhead:+.1f} s = {100 * overhead / b['total']:+.1f} % (target <= 5 %)")
-    ratios = [100 * (a["total"] - b["total"]) / b["total"] for a, b in zip(on, off)]
-    print(f"Prefect overhead, median of {len(ratios)} pairs: {statistics.median(ratios):+.1f} %; project server "
-          f"peak {max(run['server_mb'] for run in on):.0f} MB")
+        ratios.append(100 * overhead / b["total"])
+        print(f"pair {pair}: Prefect overhead {overhead:+.1f} s = {ratios[-1]:+.1f} % (target <= 5 %)")
+    spread = ""
+    if len(ratios) > 1:  # Student's t over the pairs (each pair: one paired difference)
+        mean, half = statistics.mean(ratios), stats.t.ppf(0.975, len(ratios) - 1) * stats.sem(ratios)
+        spread = f", mean {mean:+.1f} % (95 % t-interval {mean - half:+.1f} to {mean + half:+.1f} %)"
+    print(f"Prefect overhead, median of {len(ratios)} pairs: {statistics.median(ratios):+.1f} %{spread}; project "
+          f"server peak {max(run['server_mb'] for run in on):.0f} MB")
     print(f"peak stage memory: {max(r[2] for run in on for r in run['rows']):.0f} MB with Prefect (+ server), "
           f"{max(r[2] for run in off for r in run['rows']):.0f} MB plainly (target <= 4096 MB)")
     noop = [t for run in on for t in run["noop"]]
@@ -187,7 +193,6 @@ def summary(on: list[dict], off: list[dict]) -> None:
     differ = sorted({path for a, b in zip(on, off) for path in a["hashes"] if b["hashes"].get(path) != a["hashes"][path]})
     print(f"outputs that differ with and without Prefect: {', '.join(differ) or 'none'} "
           f"(of {len(on[0]['hashes'])}; expected: the files holding wall times or run ids)")
-
 
 if __name__ == "__main__":
     main()
